@@ -1,0 +1,9 @@
+"""phi3-jax: Microsoft's Phi-3 family (Phi-3, Phi-3.5, Phi-4, Phi-4-mini) in pure JAX."""
+
+from phi3_jax.api import Phi3, load
+from phi3_jax.config import ConfigError, Phi3Config
+from phi3_jax.model import Phi3ForCausalLM
+
+__version__ = "0.1.0"
+
+__all__ = ["ConfigError", "Phi3", "Phi3Config", "Phi3ForCausalLM", "__version__", "load"]

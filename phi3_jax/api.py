@@ -1,0 +1,194 @@
+"""The public entry points: `load` a checkpoint, then call `logits` (and `generate`) on it."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from phi3_jax import sharding
+from phi3_jax.config import Phi3Config
+from phi3_jax.hf_weights import HFCheckpoint
+from phi3_jax.model import Phi3ForCausalLM
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(dtype: str | jnp.dtype) -> jnp.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported; choose from {sorted(DTYPES)}")
+        return jnp.dtype(DTYPES[dtype])
+    dtype = jnp.dtype(dtype)
+    if dtype not in {jnp.dtype(d) for d in DTYPES.values()}:
+        raise ValueError(f"dtype {dtype} is not supported; choose from {sorted(DTYPES)}")
+    return dtype
+
+
+def abstract_model(config: Phi3Config, dtype: str | jnp.dtype = "float32",
+                   ) -> tuple[nnx.GraphDef, nnx.State]:
+    """The model's graph and its parameters as ShapeDtypeStructs, allocating nothing."""
+    dtype = resolve_dtype(dtype)
+    model = nnx.eval_shape(lambda: Phi3ForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    return nnx.split(model)
+
+
+def bucket_length(n: int, minimum: int = 16) -> int:
+    """The next power of two >= n (at least `minimum`): bounds recompiles to log2 of the range."""
+    return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array,
+             positions: jax.Array) -> jax.Array:
+    model = nnx.merge(graphdef, params)
+    logits, _ = model(tokens, positions)
+    return logits
+
+
+class Phi3:
+    """A loaded model: config, parameters (an nnx.State pytree), and tokenizer if present."""
+
+    def __init__(self, config: Phi3Config, graphdef: nnx.GraphDef, params: nnx.State, *,
+                 tokenizer: Any = None, generation_config: dict | None = None,
+                 mesh: Mesh | None = None, path: str | None = None):
+        self.config = config
+        self.graphdef = graphdef
+        self.params = params
+        self.tokenizer = tokenizer
+        self.generation_config = generation_config or {}
+        self.mesh = mesh
+        self.path = path
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.params["model"]["embed_tokens"]["weight"].dtype
+
+    def module(self) -> Phi3ForCausalLM:
+        """The NNX module bound to these parameters (for research use: probing, surgery)."""
+        return nnx.merge(self.graphdef, self.params)
+
+    def logits(self, input_ids: Sequence[Sequence[int]] | np.ndarray | jax.Array,
+               attention_mask: Sequence[Sequence[int]] | np.ndarray | jax.Array | None = None,
+               ) -> jax.Array:
+        """[B, T, V] logits of a full forward pass, in the parameters' dtype.
+
+        With an attention_mask (1 = token, 0 = padding; left or right padding), each row's
+        positions count only its own tokens, so a row's logits equal those of the row alone;
+        logits at padded positions are meaningless.
+        """
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be [batch, length] with length >= 1, "
+                             f"got shape {ids.shape}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"input_ids must be integers, got {ids.dtype}")
+        mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask)
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
+        mask = mask.astype(bool)
+        check_token_ids(ids[mask], self.config.vocab_size)
+        B, T = ids.shape
+        positions = np.where(mask, np.cumsum(mask, axis=1) - 1, -1)
+        if positions.max(initial=-1) >= self.config.max_position_embeddings:
+            raise ValueError(f"a row has {positions.max() + 1} tokens, more than the model's "
+                             f"max_position_embeddings ({self.config.max_position_embeddings})")
+        # Right-pad to a bucket: padded slots get position -1, which hides them from every real
+        # query (and from the LongRoPE length), so the real logits do not change.
+        Tb = bucket_length(T)
+        tokens = np.zeros((B, Tb), np.int32)
+        tokens[:, :T] = np.where(mask, ids, 0)
+        pos = np.full((B, Tb), -1, np.int32)
+        pos[:, :T] = positions
+        return _forward(self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(pos))[:, :T]
+
+
+def check_token_ids(ids: np.ndarray, vocab_size: int) -> None:
+    bad = ids[(ids < 0) | (ids >= vocab_size)]
+    if bad.size:
+        raise ValueError(f"token ids {sorted(set(bad.tolist()))[:8]} are outside the vocabulary "
+                         f"[0, {vocab_size})")
+
+
+def load(path: str | os.PathLike, dtype: str | jnp.dtype = "float32",
+         mesh: str | dict | Mesh | None = None) -> Phi3:
+    """Loads a Hugging Face folder (config.json + safetensors, single or sharded).
+
+    With a mesh (a Mesh, or a spec such as "data=2,model=4"), every parameter is placed
+    straight onto its shards: each device receives only its slice, never the whole tensor.
+    """
+    path = os.fspath(path)
+    dtype = resolve_dtype(dtype)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no model folder at {path}")
+    config = Phi3Config.from_hf(path)
+    checkpoint = HFCheckpoint(path)
+    checkpoint.check(config)  # every name and shape, before any data is read
+    mesh = sharding.make_mesh(mesh) if mesh is not None else None
+    graphdef, abstract = abstract_model(config, dtype)
+    shardings = sharding.param_shardings(abstract, mesh) if mesh is not None else None
+    arrays = {}
+    for spec, array in checkpoint.iter_params(config):
+        target = None
+        if shardings is not None:
+            target = _lookup(shardings, spec.path)
+        arrays[spec.path] = place(array, dtype, target)
+    params = fill_state(abstract, arrays)
+    return Phi3(config, graphdef, params, tokenizer=_maybe_tokenizer(path),
+                generation_config=read_generation_config(path), mesh=mesh, path=path)
+
+
+def place(array: np.ndarray, dtype: jnp.dtype, target: jax.sharding.Sharding | None) -> jax.Array:
+    """Puts a host array on device(s) in `dtype`; with a sharding, each device gets its slice."""
+    if target is None:
+        return jax.device_put(np.asarray(array).astype(dtype, copy=False))
+    return jax.make_array_from_callback(
+        array.shape, target, lambda index: np.asarray(array[index]).astype(dtype, copy=False))
+
+
+def fill_state(abstract: nnx.State, arrays: dict[tuple, jax.Array]) -> nnx.State:
+    """The abstract state with each leaf replaced by arrays[path]; every leaf must be given."""
+    flat = []
+    for path, var in nnx.to_flat_state(abstract):
+        if path not in arrays:
+            raise KeyError(f"no value for parameter {'.'.join(map(str, path))}")
+        value = arrays[path]
+        if tuple(value.shape) != tuple(var.shape):
+            raise ValueError(f"parameter {'.'.join(map(str, path))}: shape {value.shape} != "
+                             f"{var.shape}")
+        flat.append((path, var.replace(value)))
+    return nnx.from_flat_state(flat)
+
+
+def _lookup(tree: nnx.State, path: tuple) -> Any:
+    node = tree
+    for key in path:
+        node = node[key]
+    return node.get_value() if isinstance(node, nnx.Variable) else node
+
+
+def read_generation_config(path: str) -> dict:
+    file = os.path.join(path, "generation_config.json")
+    if not os.path.isfile(file):
+        return {}
+    with open(file) as f:
+        return json.load(f)
+
+
+def _maybe_tokenizer(path: str) -> Any:
+    try:
+        from phi3_jax.tokenizer import Tokenizer
+    except ImportError:
+        return None
+    try:
+        return Tokenizer.from_dir(path)
+    except FileNotFoundError:
+        return None

@@ -1,0 +1,179 @@
+"""The Hugging Face checkpoint layout: a table from tensor names to parameters, and its reader.
+
+Each entry names one safetensors tensor, the parameter it becomes, its checkpoint shape, and a
+pair of pure layout changes (to ours and back). They only transpose and reshape, so a round
+trip is bit-exact. Loading checks, before reading any data, that every tensor the model needs
+is present exactly once with the right shape, and that nothing unexpected is left over: a
+wrong checkpoint fails with the tensor's name and file, never with silently wrong logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from phi3_jax.config import Phi3Config
+from phi3_jax.safetensors_io import SafetensorsFile
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+Path = tuple[str | int, ...]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint's tensors are missing, extra, misshapen, or its files are absent."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    hf_name: str
+    path: Path  # the parameter's path in the NNX state
+    hf_shape: tuple[int, ...]
+    to_jax: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+def _identity(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def tensor_specs(config: Phi3Config) -> list[TensorSpec]:
+    """Every tensor of a Phi3ForCausalLM checkpoint for `config`, in the checkpoint's order."""
+    D, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
+    N, K, G, H = (config.num_attention_heads, config.num_key_value_heads, config.group_size,
+                  config.head_dim)
+
+    def qkv_to_jax(w):  # [(N + 2K) H, D], rows Q | K | V  ->  [D, K, G + 2, H]
+        q = w[: N * H].reshape(K, G, H, D)
+        k = w[N * H: (N + K) * H].reshape(K, 1, H, D)
+        v = w[(N + K) * H:].reshape(K, 1, H, D)
+        return np.concatenate([q, k, v], axis=1).transpose(3, 0, 1, 2)
+
+    def qkv_to_hf(w):  # [D, K, G + 2, H] -> [(N + 2K) H, D]
+        w = w.transpose(1, 2, 3, 0)  # [K, G + 2, H, D]
+        q = w[:, :G].reshape(N * H, D)
+        k = w[:, G].reshape(K * H, D)
+        v = w[:, G + 1].reshape(K * H, D)
+        return np.concatenate([q, k, v], axis=0)
+
+    specs = [TensorSpec("model.embed_tokens.weight", ("model", "embed_tokens", "weight"),
+                        (V, D), _identity, _identity)]
+    for i in range(config.num_hidden_layers):
+        hf, ours = f"model.layers.{i}.", ("model", "layers", i)
+        specs += [
+            TensorSpec(hf + "input_layernorm.weight", ours + ("input_layernorm", "weight"),
+                       (D,), _identity, _identity),
+            TensorSpec(hf + "self_attn.qkv_proj.weight",
+                       ours + ("self_attn", "qkv_proj", "weight"),
+                       ((N + 2 * K) * H, D), qkv_to_jax, qkv_to_hf),
+            TensorSpec(hf + "self_attn.o_proj.weight", ours + ("self_attn", "o_proj", "weight"),
+                       (D, N * H),
+                       lambda w: w.T.reshape(N, H, D),  # [D, N H] -> [N, H, D]
+                       lambda w: w.reshape(N * H, D).T),
+            TensorSpec(hf + "post_attention_layernorm.weight",
+                       ours + ("post_attention_layernorm", "weight"), (D,), _identity, _identity),
+            TensorSpec(hf + "mlp.gate_up_proj.weight", ours + ("mlp", "gate_up_proj", "weight"),
+                       (2 * F, D),
+                       lambda w: w.reshape(2, F, D).transpose(2, 0, 1),  # -> [D, 2, F]
+                       lambda w: w.transpose(1, 2, 0).reshape(2 * F, D)),
+            TensorSpec(hf + "mlp.down_proj.weight", ours + ("mlp", "down_proj", "weight"),
+                       (D, F), lambda w: w.T, lambda w: w.T),  # [D, F] <-> [F, D]
+        ]
+    specs.append(TensorSpec("model.norm.weight", ("model", "norm", "weight"), (D,),
+                            _identity, _identity))
+    if not config.tie_word_embeddings:
+        specs.append(TensorSpec("lm_head.weight", ("lm_head", "weight"), (V, D),
+                                _identity, _identity))
+    return specs
+
+
+class HFCheckpoint:
+    """The safetensors files of a Hugging Face folder, with every tensor located by name."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        if not os.path.isdir(self.path):
+            raise FileNotFoundError(f"no model folder at {self.path}")
+        index = os.path.join(self.path, INDEX_FILE)
+        if os.path.isfile(index):
+            with open(index) as f:
+                try:
+                    weight_map: dict[str, str] = json.load(f)["weight_map"]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise CheckpointError(f"{index} is not a valid safetensors index: {e!r}") from e
+            for file in sorted(set(weight_map.values())):
+                if not os.path.isfile(os.path.join(self.path, file)):
+                    raise CheckpointError(f"shard {file} listed in {INDEX_FILE} is missing "
+                                          f"from {self.path}")
+        elif os.path.isfile(os.path.join(self.path, SINGLE_FILE)):
+            weight_map = None
+        else:
+            raise CheckpointError(f"{self.path} has neither {SINGLE_FILE} nor {INDEX_FILE}")
+        self._files: dict[str, SafetensorsFile] = {}
+        self.location: dict[str, str] = {}  # tensor name -> file name
+        files = sorted(set(weight_map.values())) if weight_map else [SINGLE_FILE]
+        for file in files:
+            st = self._file(file)
+            for name in st.keys():
+                if weight_map is not None and weight_map.get(name) != file:
+                    raise CheckpointError(f"tensor {name!r} is in {file} but {INDEX_FILE} "
+                                          f"places it in {weight_map.get(name)!r}")
+                self.location[name] = file
+        if weight_map is not None:
+            for name, file in weight_map.items():
+                if name not in self.location:
+                    raise CheckpointError(f"tensor {name!r} is listed in {INDEX_FILE} but "
+                                          f"missing from {file}")
+
+    def _file(self, file: str) -> SafetensorsFile:
+        if file not in self._files:
+            self._files[file] = SafetensorsFile(os.path.join(self.path, file))
+        return self._files[file]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._file(self.location[name])[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._file(self.location[name]).shape(name)
+
+    def nbytes(self, name: str) -> int:
+        return self._file(self.location[name]).nbytes(name)
+
+    def check(self, config: Phi3Config) -> list[TensorSpec]:
+        """Validates names and shapes against the config; returns the specs to read."""
+        specs = tensor_specs(config)
+        expected = {s.hf_name for s in specs}
+        for spec in specs:
+            if spec.hf_name not in self.location:
+                where = (INDEX_FILE if os.path.isfile(os.path.join(self.path, INDEX_FILE))
+                         else SINGLE_FILE)
+                raise CheckpointError(f"tensor {spec.hf_name!r} is missing from {self.path} "
+                                      f"(looked in {where})")
+            shape = self.shape(spec.hf_name)
+            if shape != spec.hf_shape:
+                raise CheckpointError(
+                    f"tensor {spec.hf_name!r} in {self.location[spec.hf_name]} has shape "
+                    f"{list(shape)}; config.json implies {list(spec.hf_shape)}")
+        for name, file in self.location.items():
+            if name in expected or name.endswith("rotary_emb.inv_freq"):
+                continue  # old saves may carry the (recomputed) rotary buffer
+            if name == "lm_head.weight" and config.tie_word_embeddings:
+                log.warning("ignoring lm_head.weight in %s: the config ties the head to the "
+                            "embedding, as transformers does", file)
+                continue
+            raise CheckpointError(f"unexpected tensor {name!r} in {file}: not part of a "
+                                  f"Phi3ForCausalLM with this config.json")
+        return specs
+
+    def iter_params(self, config: Phi3Config) -> Iterator[tuple[TensorSpec, np.ndarray]]:
+        """(spec, array in our layout) per tensor, read lazily from the memory maps."""
+        for spec in self.check(config):
+            yield spec, spec.to_jax(self[spec.hf_name])

@@ -1,0 +1,120 @@
+"""The Phi-3 decoder (Phi3ForCausalLM) as Flax NNX modules.
+
+Notable features, all from the reference (spec sections 1-3):
+- pre-norm layers with two residual adds; RMSNorm computed in fp32;
+- fused qkv (GQA) and gate_up projections, no biases anywhere;
+- half-split RoPE with partial rotary and LongRoPE (short/long factors chosen per row);
+- an optional sliding window; a tied or untied head.
+
+Module and parameter names mirror the checkpoint's (`model.layers.3.self_attn.qkv_proj.weight`),
+so the converter is a short table of layout changes, not a renaming scheme.
+
+Einsum glossary: B batch, T query length, S key length, D model, N query heads, K kv heads,
+G query heads per kv head, H head dim, F ffn, V vocab, C the gate/up pair.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from phi3_jax.attention import Attention, attention_mask
+from phi3_jax.cache import KVCache
+from phi3_jax.config import Phi3Config
+from phi3_jax.mlp import MLP
+from phi3_jax.norm import RMSNorm
+from phi3_jax.params import param
+from phi3_jax.rope import rotary_tables, uses_long_factors
+
+
+class Embedding(nnx.Module):
+    """The [V, D] token table; also the head (`attend`), tied or not, in the checkpoint's layout."""
+
+    def __init__(self, config: Phi3Config, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.weight = param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"),
+                            dtype)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]
+        return jnp.take(self.weight[...], tokens, axis=0)
+
+    def attend(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V]
+        return jnp.einsum("BTD,VD->BTV", x, self.weight[...])
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: Phi3Config, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.self_attn = Attention(config, dtype, rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.mlp = MLP(config, dtype, rngs)
+
+    def __call__(self, x, cos, sin, mask, kv=None, index=None):
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, kv
+
+
+class Phi3Model(nnx.Module):
+    def __init__(self, config: Phi3Config, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.embed_tokens = Embedding(config, dtype, rngs)
+        self.layers = nnx.List([DecoderLayer(config, dtype, rngs)
+                                for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+
+
+class Phi3ForCausalLM(nnx.Module):
+    def __init__(self, config: Phi3Config, *, dtype: jnp.dtype = jnp.float32,
+                 rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = config
+        self.model = Phi3Model(config, dtype, rngs)
+        if not config.tie_word_embeddings:
+            self.lm_head = Embedding(config, dtype, rngs)
+
+    @property
+    def head(self) -> Embedding:
+        return self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
+
+    def hidden_states(self, tokens: jax.Array, positions: jax.Array,
+                      cache: KVCache | None = None, use_long: jax.Array | None = None,
+                      ) -> tuple[jax.Array, KVCache | None]:
+        """The final normed hidden states [B, T, D]; see __call__ for the arguments."""
+        config = self.config
+        if use_long is None:
+            # A row's length is its largest position + 1 (positions are per row, so left padding
+            # does not count), the quantity the reference compares with original_max.
+            use_long = uses_long_factors(config, jnp.max(positions, axis=1) + 1)
+        x = self.model.embed_tokens(tokens)  # [B, T, D]
+        cos, sin = rotary_tables(config, positions, use_long, x.dtype)
+        if cache is None:
+            mask = attention_mask(positions, positions, config.sliding_window)
+        else:
+            key_positions = jax.lax.dynamic_update_slice(
+                cache.positions, positions.astype(jnp.int32), (0, cache.index))
+            mask = attention_mask(positions, key_positions, config.sliding_window)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.model.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            x, kv = layer(x, cos, sin, mask, kv, None if cache is None else cache.index)
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        x = self.model.norm(x)
+        if cache is not None:
+            cache = KVCache(k=tuple(new_k), v=tuple(new_v), positions=key_positions,
+                            index=cache.index + tokens.shape[1])
+        return x, cache
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None,
+                 use_long: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        """Logits [B, T, V] for token ids [B, T] at per-row positions [B, T] (-1 = padding).
+
+        With a cache, the T new tokens are written at slots cache.index .. index + T - 1 and
+        attend to everything cached; the updated cache is returned. `use_long` [B] overrides the
+        per-row LongRoPE choice (the generator's "always long" policy).
+        """
+        x, cache = self.hidden_states(tokens, positions, cache, use_long)
+        logits = self.head.attend(x)
+        return logits, cache
