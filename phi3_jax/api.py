@@ -110,6 +110,12 @@ class Phi3:
         pos[:, :T] = positions
         return _forward(self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(pos))[:, :T]
 
+    def generate(self, prompts: Any, **kwargs: Any) -> Any:
+        """Generates from prompts (strings or token-id lists); see phi3_jax.generate.generate."""
+        from phi3_jax.generate import generate
+
+        return generate(self, prompts, **kwargs)
+
 
 def check_token_ids(ids: np.ndarray, vocab_size: int) -> None:
     bad = ids[(ids < 0) | (ids >= vocab_size)]
@@ -120,7 +126,8 @@ def check_token_ids(ids: np.ndarray, vocab_size: int) -> None:
 
 def load(path: str | os.PathLike, dtype: str | jnp.dtype = "float32",
          mesh: str | dict | Mesh | None = None) -> Phi3:
-    """Loads a Hugging Face folder (config.json + safetensors, single or sharded).
+    """Loads a Hugging Face folder (config.json + safetensors, single or sharded) or a
+    phi3-jax Orbax checkpoint (made by `phi3-jax convert`).
 
     With a mesh (a Mesh, or a spec such as "data=2,model=4"), every parameter is placed
     straight onto its shards: each device receives only its slice, never the whole tensor.
@@ -129,6 +136,10 @@ def load(path: str | os.PathLike, dtype: str | jnp.dtype = "float32",
     dtype = resolve_dtype(dtype)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no model folder at {path}")
+    from phi3_jax import orbax_checkpoint
+
+    if orbax_checkpoint.is_orbax_checkpoint(path):
+        return orbax_checkpoint.load(path, dtype=dtype, mesh=mesh)
     config = Phi3Config.from_hf(path)
     checkpoint = HFCheckpoint(path)
     checkpoint.check(config)  # every name and shape, before any data is read

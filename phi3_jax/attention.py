@@ -51,7 +51,8 @@ class Attention(nnx.Module):
         N = config.num_attention_heads
         self.qkv_proj = Einsum("BTD,DKCH->BTKCH", (D, K, G + 2, H),
                                ("embed", "kv_heads", None, "head_dim"), dtype, rngs)
-        self.o_proj = Einsum("BTNH,NHD->BTD", (N, H, D), ("heads", "head_dim", "embed"), dtype, rngs)
+        self.o_proj = Einsum("BTNH,NHD->BTD", (N, H, D), ("heads", "head_dim", "embed"), dtype,
+                             rngs)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
                  kv: tuple[jax.Array, jax.Array] | None = None,

@@ -25,7 +25,7 @@ _RELATIVES = {
     "phi": "Phi-1/Phi-2 (parallel attention, LayerNorm)",
 }
 
-# transformers (>= 4.43) maps the legacy LongRoPE names onto "longrope"; we accept them the same way.
+# transformers (>= 4.43) maps the legacy LongRoPE names onto "longrope"; so do we.
 _LONGROPE_ALIASES = ("longrope", "su", "yarn")
 
 
@@ -87,23 +87,25 @@ class Phi3Config:
                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"config field {name!r} must be a positive integer, got {value!r}")
+                raise ConfigError(f"config field {name!r} must be a positive integer, "
+                                  f"got {value!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"config field 'hidden_size' ({self.hidden_size}) must be divisible by "
                 f"'num_attention_heads' ({self.num_attention_heads})")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
-                f"config field 'num_attention_heads' ({self.num_attention_heads}) must be divisible "
-                f"by 'num_key_value_heads' ({self.num_key_value_heads})")
+                f"config field 'num_attention_heads' ({self.num_attention_heads}) must be "
+                f"divisible by 'num_key_value_heads' ({self.num_key_value_heads})")
         if not 0.0 < self.partial_rotary_factor <= 1.0:
             raise ConfigError(f"config field 'partial_rotary_factor' must be in (0, 1], "
                               f"got {self.partial_rotary_factor}")
         if self.rotary_dim % 2:
-            raise ConfigError(f"config fields 'partial_rotary_factor' x head_dim give an odd rotary "
-                              f"width ({self.rotary_dim}); it must be even")
+            raise ConfigError(f"config fields 'partial_rotary_factor' x head_dim give an odd "
+                              f"rotary width ({self.rotary_dim}); it must be even")
         if self.rms_norm_eps <= 0:
-            raise ConfigError(f"config field 'rms_norm_eps' must be positive, got {self.rms_norm_eps}")
+            raise ConfigError(f"config field 'rms_norm_eps' must be positive, "
+                              f"got {self.rms_norm_eps}")
         if self.rope_theta <= 0:
             raise ConfigError(f"config field 'rope_theta' must be positive, got {self.rope_theta}")
         if self.sliding_window is not None and self.sliding_window <= 0:
@@ -123,7 +125,8 @@ class Phi3Config:
                     raise ConfigError(f"config field 'rope_scaling.{name}' must hold positive "
                                       f"finite numbers")
             if rs.original_max_position_embeddings <= 0:
-                raise ConfigError("config field 'original_max_position_embeddings' must be positive")
+                raise ConfigError("config field 'original_max_position_embeddings' must be "
+                                  "positive")
 
     # ---- construction ----
     @classmethod
@@ -161,7 +164,8 @@ class Phi3Config:
         if hidden_act != "silu":
             raise ConfigError(f"config field 'hidden_act' is {hidden_act!r}; Phi-3 uses 'silu'")
         if raw.get("head_dim") not in (None, raw["hidden_size"] // raw["num_attention_heads"]):
-            raise ConfigError("config field 'head_dim' must equal hidden_size // num_attention_heads")
+            raise ConfigError("config field 'head_dim' must equal "
+                              "hidden_size // num_attention_heads")
         for key in ("attention_bias", "mlp_bias", "lm_head_bias"):
             if raw.get(key):
                 raise ConfigError(f"config field {key!r} is true; Phi-3 checkpoints have no biases")

@@ -69,22 +69,22 @@ def tensor_specs(config: Phi3Config) -> list[TensorSpec]:
     for i in range(config.num_hidden_layers):
         hf, ours = f"model.layers.{i}.", ("model", "layers", i)
         specs += [
-            TensorSpec(hf + "input_layernorm.weight", ours + ("input_layernorm", "weight"),
+            TensorSpec(hf + "input_layernorm.weight", (*ours, "input_layernorm", "weight"),
                        (D,), _identity, _identity),
             TensorSpec(hf + "self_attn.qkv_proj.weight",
-                       ours + ("self_attn", "qkv_proj", "weight"),
+                       (*ours, "self_attn", "qkv_proj", "weight"),
                        ((N + 2 * K) * H, D), qkv_to_jax, qkv_to_hf),
-            TensorSpec(hf + "self_attn.o_proj.weight", ours + ("self_attn", "o_proj", "weight"),
+            TensorSpec(hf + "self_attn.o_proj.weight", (*ours, "self_attn", "o_proj", "weight"),
                        (D, N * H),
                        lambda w: w.T.reshape(N, H, D),  # [D, N H] -> [N, H, D]
                        lambda w: w.reshape(N * H, D).T),
             TensorSpec(hf + "post_attention_layernorm.weight",
-                       ours + ("post_attention_layernorm", "weight"), (D,), _identity, _identity),
-            TensorSpec(hf + "mlp.gate_up_proj.weight", ours + ("mlp", "gate_up_proj", "weight"),
+                       (*ours, "post_attention_layernorm", "weight"), (D,), _identity, _identity),
+            TensorSpec(hf + "mlp.gate_up_proj.weight", (*ours, "mlp", "gate_up_proj", "weight"),
                        (2 * F, D),
                        lambda w: w.reshape(2, F, D).transpose(2, 0, 1),  # -> [D, 2, F]
                        lambda w: w.transpose(1, 2, 0).reshape(2 * F, D)),
-            TensorSpec(hf + "mlp.down_proj.weight", ours + ("mlp", "down_proj", "weight"),
+            TensorSpec(hf + "mlp.down_proj.weight", (*ours, "mlp", "down_proj", "weight"),
                        (D, F), lambda w: w.T, lambda w: w.T),  # [D, F] <-> [F, D]
         ]
     specs.append(TensorSpec("model.norm.weight", ("model", "norm", "weight"), (D,),
@@ -122,7 +122,7 @@ class HFCheckpoint:
         files = sorted(set(weight_map.values())) if weight_map else [SINGLE_FILE]
         for file in files:
             st = self._file(file)
-            for name in st.keys():
+            for name in st:
                 if weight_map is not None and weight_map.get(name) != file:
                     raise CheckpointError(f"tensor {name!r} is in {file} but {INDEX_FILE} "
                                           f"places it in {weight_map.get(name)!r}")
@@ -177,3 +177,67 @@ class HFCheckpoint:
         """(spec, array in our layout) per tensor, read lazily from the memory maps."""
         for spec in self.check(config):
             yield spec, spec.to_jax(self[spec.hf_name])
+
+
+def parse_size(size: str | int) -> int:
+    """'2GB', '500MB', '10KiB' or a byte count -> bytes (decimal units, as transformers reads)."""
+    if isinstance(size, int):
+        return size
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+             "B": 1}
+    text = size.strip().upper()
+    for unit, scale in units.items():
+        if text.endswith(unit) and text[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(text[: -len(unit)]) * scale)
+    if text.isdigit():
+        return int(text)
+    raise ValueError(f"bad size {size!r}: expected e.g. '2GB', '500MB' or a byte count")
+
+
+def write_hf_tensors(out_dir: str | os.PathLike,
+                     tensors: Iterator[tuple[str, np.ndarray]] | list[tuple[str, np.ndarray]],
+                     max_shard_size: str | int | None = None,
+                     metadata: dict[str, str] | None = None) -> list[str]:
+    """Writes (name, array) pairs as model.safetensors, or as shards plus an index past the cap.
+
+    Arrays are consumed one at a time and each shard is written as soon as it is full, so memory
+    stays at one shard's worth of tensors. Returns the file names written.
+    """
+    from phi3_jax.safetensors_io import write_safetensors
+
+    out_dir = os.fspath(out_dir)
+    cap = parse_size(max_shard_size) if max_shard_size is not None else None
+    metadata = {"format": "pt", **(metadata or {})}
+    shards: list[list[tuple[str, np.ndarray]]] = [[]]
+    sizes = [0]
+    written: list[tuple[str, list[str], int]] = []
+
+    def flush(index: int) -> None:
+        name = f"model-{index:05d}.safetensors"  # renamed below once the count is known
+        total = write_safetensors(os.path.join(out_dir, name), shards[-1], metadata)
+        written.append((name, [n for n, _ in shards[-1]], total))
+
+    for name, array in tensors:
+        nbytes = array.nbytes
+        if cap is not None and shards[-1] and sizes[-1] + nbytes > cap:
+            flush(len(written) + 1)
+            shards[-1], sizes[-1] = [], 0
+        shards[-1].append((name, array))
+        sizes[-1] += nbytes
+    if shards[-1] or not written:
+        flush(len(written) + 1)
+    if len(written) == 1:
+        final = SINGLE_FILE
+        os.replace(os.path.join(out_dir, written[0][0]), os.path.join(out_dir, final))
+        return [final]
+    count = len(written)
+    weight_map, files = {}, []
+    for i, (tmp, names, _) in enumerate(written, start=1):
+        final = f"model-{i:05d}-of-{count:05d}.safetensors"
+        os.replace(os.path.join(out_dir, tmp), os.path.join(out_dir, final))
+        files.append(final)
+        weight_map.update({n: final for n in names})
+    total = sum(size for _, _, size in written)
+    with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return [*files, INDEX_FILE]

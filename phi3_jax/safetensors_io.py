@@ -84,6 +84,9 @@ class SafetensorsFile:
     def keys(self) -> list[str]:
         return list(self._entries)
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 

@@ -80,7 +80,7 @@ def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh)
     """Maps logical axes to mesh axes, replicating any dimension the mesh axis does not divide."""
     out: list[str | None] = []
     used: set[str] = set()
-    for name, size in zip(axes, shape):
+    for name, size in zip(axes, shape, strict=False):
         mesh_axis = RULES.get(name) if name is not None else None
         if (mesh_axis is None or mesh_axis in used or mesh.shape[mesh_axis] == 1
                 or size % mesh.shape[mesh_axis]):

@@ -1,0 +1,81 @@
+"""Shared fixtures. Eight fake CPU devices are configured before JAX is imported anywhere, so
+the sharding tests can build meshes in-process; single-device code just uses device 0."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+# The tiny config every family-shape test starts from; tests override fields.
+TINY = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+    rope_theta=10000.0, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    # Larger than Phi's 0.02 so that logits vary by O(1): tiny weights would make almost any
+    # numerical bug invisible at a 1e-4 tolerance.
+    initializer_range=0.2,
+)
+
+FAMILY = {
+    "mha": {},
+    "gqa": dict(num_attention_heads=8, num_key_value_heads=2, hidden_size=64),
+    "phi4mini": dict(num_attention_heads=6, num_key_value_heads=2, hidden_size=96,
+                     partial_rotary_factor=0.75, tie_word_embeddings=True),
+}
+
+
+def longrope(rotary_dim: int, original_max: int, seed: int = 0) -> dict:
+    """A LongRoPE rope_scaling block with random, not-all-ones factor lists."""
+    rs = np.random.RandomState(seed)
+    half = rotary_dim // 2
+    return {
+        "rope_scaling": {"type": "longrope",
+                         "short_factor": (1.0 + rs.rand(half)).round(4).tolist(),
+                         "long_factor": (1.0 + 8.0 * rs.rand(half)).round(4).tolist()},
+        "original_max_position_embeddings": original_max,
+    }
+
+
+def make_hf_checkpoint(path: pathlib.Path, seed: int = 0, dtype: str = "float32",
+                       max_shard_size: str | None = None, **overrides) -> pathlib.Path:
+    """Saves a random transformers Phi3ForCausalLM to `path` and returns the path."""
+    import torch
+    import transformers
+
+    kwargs = {**TINY, **overrides}
+    torch.manual_seed(seed)
+    config = transformers.Phi3Config(**kwargs)
+    model = transformers.Phi3ForCausalLM(config).eval().to(getattr(torch, dtype))
+    path.mkdir(parents=True, exist_ok=True)
+    save = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(path, **save)
+    return path
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path):
+    """Factory: hf_checkpoint(name="ckpt", seed=0, **config_overrides) -> folder path."""
+    def make(name: str = "ckpt", **kwargs) -> pathlib.Path:
+        return make_hf_checkpoint(tmp_path / name, **kwargs)
+    return make
+
+
+def hf_model(path: pathlib.Path):
+    """Reloads the saved checkpoint in transformers (fp32, eager attention) as the reference."""
+    import torch
+    import transformers
+
+    return transformers.Phi3ForCausalLM.from_pretrained(
+        path, torch_dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def read_config(path: pathlib.Path) -> dict:
+    return json.loads((path / "config.json").read_text())
