@@ -1,0 +1,223 @@
+"""Chat templates: parity with transformers' apply_chat_template, built-in formats, errors."""
+
+import json
+
+import pytest
+from tokenizer_fixtures import (
+    PHI3_CHAT_TEMPLATE,
+    PHI4_MINI_SPECIAL_TOKENS,
+    make_bpe_dir,
+    make_phi3_dir,
+)
+
+from phi3_jax import chat
+from phi3_jax.tokenizer import Tokenizer
+
+SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
+USER = {"role": "user", "content": "Can you provide ways to eat combinations of bananas?"}
+ASSISTANT = {"role": "assistant", "content": "Sure!\n1. Banana smoothie\n2. Banana salad 🍌"}
+USER_2 = {"role": "user", "content": "  And dragonfruits?  \n"}
+
+CONVERSATIONS = [
+    [USER],
+    [SYSTEM, USER],
+    [SYSTEM, USER, ASSISTANT, USER_2],
+    [{"role": "system", "content": ""}, USER, ASSISTANT],
+]
+
+# Phi-3.5-mini's (drops empty system turns) and Phi-3-medium's (no system role, no generation
+# prompt branch), from the checkpoints' tokenizer_config.json.
+PHI35_TEMPLATE = PHI3_CHAT_TEMPLATE.replace(
+    "message['role'] == 'system' %}", "message['role'] == 'system' and message['content'] %}"
+)
+PHI3_MEDIUM_TEMPLATE = (
+    "{% for message in messages %}{% if (message['role'] == 'user') %}"
+    "{{'<|user|>' + '\n' + message['content'] + '<|end|>' + '\n' + '<|assistant|>' + '\n'}}"
+    "{% elif (message['role'] == 'assistant') %}{{message['content'] + '<|end|>' + '\n'}}"
+    "{% endif %}{% endfor %}"
+)
+
+
+@pytest.fixture(scope="module")
+def phi3_dir(tmp_path_factory):
+    return make_phi3_dir(tmp_path_factory.mktemp("phi3"))
+
+
+@pytest.fixture(scope="module")
+def phi3(phi3_dir):
+    return Tokenizer.from_dir(phi3_dir)
+
+
+@pytest.fixture(scope="module")
+def hf_phi3(phi3_dir):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(phi3_dir)
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_checkpoint_template_matches_transformers(phi3, hf_phi3, messages, add_generation_prompt):
+    assert phi3.chat_format.name == "checkpoint"
+    text = phi3.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    assert text == hf_phi3.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+    ids = hf_phi3.apply_chat_template(
+        messages, tokenize=True, return_dict=False, add_generation_prompt=add_generation_prompt
+    )
+    assert phi3.encode_chat(messages, add_generation_prompt=add_generation_prompt) == list(ids)
+
+
+@pytest.mark.parametrize("template", [PHI35_TEMPLATE, PHI3_MEDIUM_TEMPLATE])
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_other_phi3_templates_match_transformers(phi3, hf_phi3, template, messages):
+    tokens = {"bos_token": "<s>", "eos_token": "<|endoftext|>"}
+    ours = chat.render(
+        chat.checkpoint_format(template),
+        messages,
+        add_generation_prompt=True,
+        special_tokens=tokens,
+    )
+    expected = hf_phi3.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=True
+    )
+    assert ours == expected
+
+
+def test_phi4_mini_template_matches_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    path = make_bpe_dir(tmp_path, PHI4_MINI_SPECIAL_TOKENS, chat_template=chat.PHI4_MINI.template)
+    tools = json.dumps([{"name": "add", "parameters": {"a": {"type": "int"}}}])
+    messages = [{**SYSTEM, "tools": tools}, USER, ASSISTANT, USER_2]
+    ours, ref = Tokenizer.from_dir(path), transformers.AutoTokenizer.from_pretrained(path)
+    for gen in (True, False):
+        assert ours.apply_chat_template(messages, add_generation_prompt=gen) == (
+            ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+        )
+
+
+# --- built-in formats --------------------------------------------------------------------------
+
+
+def test_phi3_fallback(tmp_path):
+    tok = Tokenizer.from_dir(make_phi3_dir(tmp_path, chat_template=None))
+    assert tok.chat_format is chat.PHI3
+    assert tok.apply_chat_template([SYSTEM, USER]) == (
+        f"<|system|>\n{SYSTEM['content']}<|end|>\n<|user|>\n{USER['content']}<|end|>\n"
+        "<|assistant|>\n"
+    )
+    assert tok.apply_chat_template([USER, ASSISTANT], add_generation_prompt=False) == (
+        f"<|user|>\n{USER['content']}<|end|>\n<|assistant|>\n{ASSISTANT['content']}<|end|>\n"
+        "<|endoftext|>"
+    )
+    # The rstrip tokens swallow the template's newlines, so they cost no ids.
+    ids = tok.encode_chat([USER])
+    assert ids[0] == tok.token_id("<|user|>")
+    assert ids[-2:] == [tok.token_id("<|end|>"), tok.token_id("<|assistant|>")]
+    assert tok.decode(ids[1:-2]) == USER["content"]
+    assert tok.token_id("<0x0A>") not in ids
+
+
+def test_phi4_mini_fallback(tmp_path):
+    tok = Tokenizer.from_dir(make_bpe_dir(tmp_path, PHI4_MINI_SPECIAL_TOKENS))
+    assert tok.chat_format is chat.PHI4_MINI
+    system = {**SYSTEM, "tools": '[{"name": "add"}]'}
+    assert tok.apply_chat_template([system, USER]) == (
+        f'<|system|>{SYSTEM["content"]}<|tool|>[{{"name": "add"}}]<|/tool|><|end|>'
+        f"<|user|>{USER['content']}<|end|><|assistant|>"
+    )
+    assert tok.apply_chat_template([USER, ASSISTANT], add_generation_prompt=False) == (
+        f"<|user|>{USER['content']}<|end|><|assistant|>{ASSISTANT['content']}<|end|><|endoftext|>"
+    )
+
+
+def test_phi4_fallback(tmp_path):
+    tok = Tokenizer.from_dir(make_bpe_dir(tmp_path))
+    assert tok.chat_format is chat.PHI4
+    assert tok.apply_chat_template([SYSTEM, USER]) == (
+        f"<|im_start|>system<|im_sep|>{SYSTEM['content']}<|im_end|>"
+        f"<|im_start|>user<|im_sep|>{USER['content']}<|im_end|>"
+        "<|im_start|>assistant<|im_sep|>"
+    )
+    assert tok.apply_chat_template([USER], add_generation_prompt=False) == (
+        f"<|im_start|>user<|im_sep|>{USER['content']}<|im_end|>"
+    )
+    with pytest.raises(ValueError, match="unknown role 'tool'"):
+        tok.apply_chat_template([{"role": "tool", "content": "{}"}])
+
+
+def test_no_template_and_no_chat_tokens(tmp_path):
+    tok = Tokenizer.from_dir(make_bpe_dir(tmp_path, ("<|endoftext|>",)))
+    assert tok.chat_format is None
+    with pytest.raises(ValueError, match="cannot format a chat"):
+        tok.apply_chat_template([USER])
+
+
+# --- where templates come from -----------------------------------------------------------------
+
+
+def test_chat_template_jinja_overrides_config(tmp_path):
+    path = make_phi3_dir(tmp_path)
+    (path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}!")
+    assert Tokenizer.from_dir(path).apply_chat_template([USER]) == USER["content"] + "!"
+
+
+def test_chat_template_json_and_named_templates(tmp_path):
+    path = make_phi3_dir(tmp_path, chat_template=None)
+    (path / "chat_template.json").write_text(json.dumps({"chat_template": "json:{{ bos_token }}"}))
+    assert Tokenizer.from_dir(path).apply_chat_template([USER]) == "json:<s>"
+    named = [{"name": "tool_use", "template": "no"}, {"name": "default", "template": "yes"}]
+    assert chat.read_chat_template(path, {"chat_template": named}) == "yes"
+
+
+# --- rendering rules and errors ----------------------------------------------------------------
+
+
+def _render(template, messages, add_generation_prompt=True):
+    return chat.render(
+        chat.checkpoint_format(template),
+        messages,
+        add_generation_prompt=add_generation_prompt,
+        special_tokens={"eos_token": "</s>"},
+    )
+
+
+def test_jinja_environment_matches_transformers():
+    # trim_blocks/lstrip_blocks, loop controls, a tojson that keeps "<" and non-ASCII as they are.
+    template = (
+        "{% for m in messages %}\n    {% if loop.index > 1 %}{% break %}{% endif %}\n"
+        "{{ m | tojson }}\n{% endfor %}"
+    )
+    message = {"role": "user", "content": "<b>é</b>"}
+    assert _render(template, [message, USER]) == json.dumps(message, ensure_ascii=False) + "\n"
+    # None values are dropped, so templates can test for a key's presence.
+    template = "{{ 'tools' in messages[0] }}"
+    assert _render(template, [{**USER, "tools": None}]) == "False"
+
+
+def test_raise_exception_becomes_value_error():
+    template = "{{ raise_exception('Conversation roles must alternate') }}"
+    with pytest.raises(ValueError, match="Conversation roles must alternate"):
+        _render(template, [USER])
+
+
+def test_template_is_sandboxed():
+    with pytest.raises(ValueError, match="rejected"):
+        _render("{{ messages.__class__.__mro__[1].__subclasses__() }}", [USER])
+
+
+@pytest.mark.parametrize(
+    ("messages", "error", "match"),
+    [
+        ([], ValueError, "empty"),
+        ("hello", TypeError, "list of dicts"),
+        (["hello"], TypeError, r"messages\[0\] must be a dict"),
+        ([{"content": "hi"}], ValueError, r"messages\[0\] has no 'role'"),
+        ([USER, {"role": "assistant"}], ValueError, r"messages\[1\] has no 'content'"),
+        ([{"role": "robot", "content": "hi"}], ValueError, "unknown role 'robot'"),
+        ([{"role": "user", "content": ["hi"]}], TypeError, "must be a string"),
+    ],
+)
+def test_invalid_messages(phi3, messages, error, match):
+    with pytest.raises(error, match=match):
+        phi3.apply_chat_template(messages)
