@@ -189,7 +189,7 @@ class _TokenizersBackend:
         except ImportError as e:
             raise ImportError(
                 f"{tokenizer_file} needs the `tokenizers` package (Phi-4 family): "
-                "pip install tokenizers"
+                "pip install tokenizers (or phi3-jax[bpe])"
             ) from e
         self._tok = tokenizers.Tokenizer.from_file(str(tokenizer_file))
         self.added_tokens = {
