@@ -3,7 +3,19 @@
 from phi3_jax.api import Phi3, load
 from phi3_jax.config import ConfigError, Phi3Config
 from phi3_jax.model import Phi3ForCausalLM
+from phi3_jax.tokenizer import TOKENIZER_FILES, StreamDecoder, Tokenizer, copy_tokenizer_files
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "Phi3", "Phi3Config", "Phi3ForCausalLM", "__version__", "load"]
+__all__ = [
+    "TOKENIZER_FILES",
+    "ConfigError",
+    "Phi3",
+    "Phi3Config",
+    "Phi3ForCausalLM",
+    "StreamDecoder",
+    "Tokenizer",
+    "__version__",
+    "copy_tokenizer_files",
+    "load",
+]
