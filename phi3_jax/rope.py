@@ -21,12 +21,16 @@ from phi3_jax.config import Phi3Config
 def inverse_frequencies(config: Phi3Config) -> tuple[np.ndarray, np.ndarray]:
     """(short, long) inverse frequencies, each [d/2] float32; identical without LongRoPE.
 
-    Built in float32 numpy exactly as the reference builds them in torch float32, so that the
-    tables (and hence rotations at positions ~1e5) match bit for bit.
+    Built with the reference's float32 operations (exponent, factor product, reciprocal), so
+    that the tables match it: at position p an inv_freq off by one ulp moves the angle by
+    ~p * 6e-8 rad, i.e. 3e-4 at p = 4k and 1e-2 at p = 128k. The power itself is computed in
+    float64 and rounded once: numpy's float32 power is off by an ulp in ~1/4 of the entries,
+    while the correctly rounded value matches torch's (which is not itself correctly rounded
+    everywhere: it can still differ by one ulp in an occasional entry).
     """
     d = config.rotary_dim
     exponent = np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / np.float32(d)
-    base = np.float32(config.rope_theta) ** exponent
+    base = (np.float64(config.rope_theta) ** exponent.astype(np.float64)).astype(np.float32)
     rs = config.rope_scaling
     if rs is None:
         inv = (np.float32(1.0) / base).astype(np.float32)
