@@ -108,6 +108,8 @@ class Phi3:
         tokens[:, :T] = np.where(mask, ids, 0)
         pos = np.full((B, Tb), -1, np.int32)
         pos[:, :T] = positions
+        if self.mesh is not None:  # data-parallel batch; the same host value on every process
+            tokens, pos = (sharding.shard_batch(a, self.mesh) for a in (tokens, pos))
         return _forward(self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(pos))[:, :T]
 
     def generate(self, prompts: Any, **kwargs: Any) -> Any:
