@@ -51,7 +51,7 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single(checkpoints):
-    """Single-device models and their logits / greedy tokens: the reference."""
+    """Single-device logits and greedy tokens: the reference."""
     out = {}
     for name, path in checkpoints.items():
         model = phi3_jax.load(path)
@@ -161,6 +161,34 @@ def test_rules_refuse_two_names_on_one_mesh_axis():
         sharding.partition_spec(("experts", "embed"), (4, 64), mesh)
 
 
+def test_decode_step_keeps_the_cache_in_place_when_kv_heads_do_not_divide():
+    """K=2 on model=4 with N=8, F and V split: with query heads following KV heads, a decode
+    step communicates only by all-reduce. (Splitting o_proj on N alone made GSPMD all-gather
+    the whole KV cache every step: the reason for FOLLOWS.)"""
+    import jax.numpy as jnp
+
+    from phi3_jax.model import Phi3ForCausalLM
+
+    config = Phi3Config.from_hf({**_tiny(), "num_attention_heads": 8, "num_key_value_heads": 2,
+                                 "num_hidden_layers": 1})
+    mesh = sharding.make_mesh("data=2,model=4")
+    graphdef, params = nnx.split(Phi3ForCausalLM(config, rngs=nnx.Rngs(0)))
+    params = jax.device_put(params, sharding.param_shardings(params, mesh))
+    cache_sh = sharding.cache_shardings(config, mesh)
+    cache = jax.jit(lambda: KVCache.init(config, 2, 64, jnp.float32), out_shardings=cache_sh)()
+    tokens = sharding.shard_batch(np.zeros((2, 1), np.int32), mesh)
+
+    def step(params, cache, tokens):
+        logits, cache = nnx.merge(graphdef, params)(tokens, tokens, cache)
+        return logits, cache
+
+    hlo = jax.jit(step, out_shardings=(None, cache_sh)).lower(
+        params, cache, tokens).compile().as_text()
+    assert " all-reduce(" in hlo or " all-reduce-start(" in hlo  # MLP and embedding are split
+    for op in ("all-gather", "collective-permute", "all-to-all"):
+        assert op not in hlo, f"{op} in the decode step"
+
+
 # ---------------------------------------------------------------------------- loading
 
 def test_load_puts_only_its_slice_on_each_device(checkpoints):
@@ -182,6 +210,27 @@ def test_load_puts_only_its_slice_on_each_device(checkpoints):
     assert {s.data.shape for s in embed.addressable_shards} == {(32, 64)}  # V / 4
 
 
+def test_orbax_restores_straight_onto_the_mesh(checkpoints, tmp_path):
+    """A converted checkpoint restores each parameter into its sharding, with the same values
+    on every shard as the Hugging Face folder gives."""
+    hf_to_orbax = pytest.importorskip("convert.hf_to_orbax")
+    path = checkpoints["tied"]
+    hf_to_orbax.convert(path, tmp_path / "orbax", progress=False)
+    mesh = sharding.make_mesh("data=2,model=4")
+    restored = phi3_jax.load(tmp_path / "orbax", mesh=mesh)
+    expected = dict(nnx.to_flat_state(sharding.param_shardings(restored.params, mesh)))
+    reference = dict(nnx.to_flat_state(phi3_jax.load(path).params))
+    for key, var in nnx.to_flat_state(restored.params):
+        array = var.get_value()
+        assert array.sharding.spec == expected[key].spec
+        for shard in array.addressable_shards:
+            assert shard.data.shape == array.sharding.shard_shape(array.shape)
+            np.testing.assert_array_equal(np.asarray(shard.data),
+                                          np.asarray(reference[key].get_value())[shard.index])
+    embed = restored.params["model"]["embed_tokens"]["weight"].get_value()
+    assert {s.data.shape for s in embed.addressable_shards} == {(32, 96)}  # V / 4, tied head
+
+
 # ---------------------------------------------------------------------------- parity
 
 @pytest.mark.parametrize("mesh_spec", MESHES)
@@ -196,7 +245,7 @@ def test_sharded_logits_and_greedy_match_single_device(checkpoints, single, name
     keep = mask.astype(bool)
     _close(np.asarray(logits)[keep], ref_logits[keep])
     tokens = greedy(model, prompts_for(model.config.vocab_size, batch=8), steps=5)
-    np.testing.assert_array_equal(tokens, ref_tokens)
+    assert tokens == ref_tokens
 
 
 # ---------------------------------------------------------------------------- errors
