@@ -9,6 +9,7 @@ import sys
 # Modules that define `register(subparsers)`; each adds subcommands with set_defaults(func=...).
 COMMAND_MODULES = (
     "phi3_jax.demo",
+    "phi3_jax.generate_cli",
 )
 
 

@@ -47,12 +47,17 @@ def run(args: argparse.Namespace) -> int:
         model = load(tmp)
         ids = np.random.RandomState(args.seed).randint(0, model.config.vocab_size, (2, 12))
         logits = np.asarray(model.logits(ids))
+        completions = model.generate(ids, max_new_tokens=args.max_new_tokens)
     print(f"random Phi-3 ({model.config.num_hidden_layers} layers, d={model.config.hidden_size}):"
           f" logits {logits.shape}, next tokens {logits[:, -1].argmax(-1).tolist()}")
+    for i, out in enumerate(completions):
+        shown = out.text if out.text is not None else out.token_ids
+        print(f"generated {i} ({len(out.token_ids)} tokens, {out.finish_reason}): {shown}")
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the embedded default model (no downloads)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=16)
     p.set_defaults(func=run)

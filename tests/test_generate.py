@@ -1,0 +1,306 @@
+"""Generation against transformers' `generate` (greedy, fp32, tiny random models), and the
+generator's own guarantees: cache vs full forward, batch invariance, stopping, compilation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+import torch
+from conftest import FAMILY, hf_model, longrope, make_hf_checkpoint
+from tokenizer_fixtures import SP_VOCAB_SIZE, make_phi3_dir
+
+import phi3_jax
+from phi3_jax import generate as gen
+from phi3_jax.api import Phi3, abstract_model
+
+NEW = 24  # max_new_tokens everywhere, so the compiled programs are shared between tests
+ORIGINAL_MAX = 32  # tiny LongRoPE switch point, crossed during generation
+
+
+def _prompt(length: int, seed: int, vocab: int = 128) -> list[int]:
+    return np.random.RandomState(seed).randint(3, vocab - 1, length).tolist()
+
+
+def _hf_greedy(ref, prompt: list[int], new: int = NEW, **kwargs) -> list[int]:
+    """transformers' greedy generate on the prompt alone: its new tokens up to and with eos."""
+    ids = torch.tensor([prompt])
+    out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                       do_sample=False, **kwargs)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def longrope_model(tmp_path_factory):
+    """GQA with LongRoPE (original_max 32): generations of 24 tokens cross it."""
+    path = make_hf_checkpoint(tmp_path_factory.mktemp("lr") / "ckpt", seed=1, **FAMILY["gqa"],
+                              **longrope(8, ORIGINAL_MAX), max_position_embeddings=128)
+    return phi3_jax.load(path), hf_model(path)
+
+
+@pytest.fixture(scope="module")
+def window_model(tmp_path_factory):
+    path = make_hf_checkpoint(tmp_path_factory.mktemp("sw") / "ckpt", seed=2, sliding_window=8)
+    return phi3_jax.load(path), hf_model(path)
+
+
+@pytest.fixture(scope="module")
+def phi4mini_model(tmp_path_factory):
+    cfg = FAMILY["phi4mini"]
+    rotary = int(cfg["hidden_size"] // cfg["num_attention_heads"] * cfg["partial_rotary_factor"])
+    path = make_hf_checkpoint(tmp_path_factory.mktemp("p4") / "ckpt", seed=3, **cfg,
+                              **longrope(rotary, ORIGINAL_MAX, seed=3),
+                              max_position_embeddings=128)
+    return phi3_jax.load(path), hf_model(path)
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    """A model with a Phi-3-style SentencePiece tokenizer in its folder."""
+    path = tmp_path_factory.mktemp("tok") / "ckpt"
+    make_phi3_dir(path)
+    make_hf_checkpoint(path, seed=4, vocab_size=SP_VOCAB_SIZE + 16)
+    model = phi3_jax.load(path)
+    assert model.tokenizer is not None
+    return model
+
+
+# ---- parity with transformers' generate -----------------------------------------------------
+
+def test_short_prompt_matches_transformers(longrope_model):
+    model, ref = longrope_model
+    prompt = _prompt(6, seed=0)  # 6 + 24 stays below original_max: short factors throughout
+    [out] = model.generate(prompt, max_new_tokens=NEW)
+    assert out.token_ids == _hf_greedy(ref, prompt)
+    assert out.text is None and out.finish_reason in ("stop", "length")
+
+
+def test_padded_batch_matches_each_row_alone(longrope_model):
+    """Rows of 3, 11 and 25 tokens, left-padded together; two of them cross original_max at
+    different steps. Each row must equal transformers on that row alone, and ours alone."""
+    model, ref = longrope_model
+    prompts = [_prompt(n, seed=n) for n in (3, 11, 25)]
+    batch = model.generate(prompts, max_new_tokens=NEW)
+    for prompt, out in zip(prompts, batch, strict=True):
+        assert out.token_ids == _hf_greedy(ref, prompt)
+        [alone] = model.generate(prompt, max_new_tokens=NEW)
+        assert alone.token_ids == out.token_ids
+
+
+def test_longrope_crossing_matches_transformers(longrope_model):
+    model, ref = longrope_model
+    prompt = _prompt(20, seed=5)  # length 33 = original_max + 1 at the 13th new token
+    [out] = model.generate(prompt, max_new_tokens=NEW)
+    assert len(out.token_ids) > 13, "the generation must cross original_max"
+    assert out.token_ids == _hf_greedy(ref, prompt)
+
+
+def test_sliding_window_matches_transformers(window_model):
+    model, ref = window_model
+    prompt = _prompt(12, seed=6)  # window 8 < 12 + 24
+    [out] = model.generate(prompt, max_new_tokens=NEW)
+    assert out.token_ids == _hf_greedy(ref, prompt)
+    # The same weights without the window generate something else, so the window was honoured.
+    config = dataclasses.replace(model.config, sliding_window=None)
+    unwindowed = Phi3(config, abstract_model(config)[0], model.params,
+                      generation_config=model.generation_config)
+    [full] = unwindowed.generate(prompt, max_new_tokens=NEW)
+    assert full.token_ids != out.token_ids
+
+
+def test_phi4mini_matches_transformers(phi4mini_model):
+    """Partial rotary, tied head, GQA, LongRoPE crossing during generation."""
+    model, ref = phi4mini_model
+    for prompt in (_prompt(7, seed=7), _prompt(20, seed=8)):
+        [out] = model.generate(prompt, max_new_tokens=NEW)
+        assert out.token_ids == _hf_greedy(ref, prompt)
+
+
+def test_repetition_penalty_matches_transformers(window_model):
+    model, ref = window_model
+    prompt = _prompt(12, seed=9, vocab=12)  # few distinct ids: the penalty bites
+    [out] = model.generate(prompt, max_new_tokens=NEW, repetition_penalty=1.5)
+    assert out.token_ids == _hf_greedy(ref, prompt, repetition_penalty=1.5)
+    [plain] = model.generate(prompt, max_new_tokens=NEW)
+    assert plain.token_ids != out.token_ids
+
+
+# ---- incremental decoding equals the full forward -------------------------------------------
+
+def _stepwise_logits(model, prompts, **kwargs):
+    """Runs the generator one token at a time; yields (step, generated ids per row, logits)."""
+    request = gen._prepare(model, prompts, max_new_tokens=NEW, **kwargs)
+    state, decode, Tp, n = gen._launch(model, request)
+    for step in range(1, NEW + 1):
+        tokens, lengths = np.asarray(state.tokens), np.asarray(state.lengths)
+        done = np.asarray(state.done)
+        generated = [tokens[i, Tp:Tp + lengths[i] - len(p)].tolist()
+                     for i, p in enumerate(request.prompts)]
+        yield step, generated, np.asarray(state.logits)[:n], done[:n]
+        if done[:n].all():
+            return
+        state = decode(state, step + 1)
+
+
+@pytest.mark.parametrize("lengths", [(20, 7), (12,)])
+def test_cached_logits_equal_full_forward(longrope_model, window_model, lengths):
+    """At every step, the logits that chose the newest token equal model.logits on the whole
+    sequence so far: across the LongRoPE re-prefill (20 + 13 crosses; 7 + 24 does not), and
+    under a sliding window shorter than the sequence."""
+    model = longrope_model[0] if len(lengths) == 2 else window_model[0]
+    prompts = [_prompt(n, seed=10 + n) for n in lengths]
+    crossed = False
+    for _, generated, logits, done in _stepwise_logits(model, prompts):
+        for i, prompt in enumerate(prompts):
+            if done[i] and len(generated[i]) < NEW:
+                continue  # finished on eos: its logits no longer change
+            sequence = prompt + generated[i][:-1]  # the newest token was chosen from these
+            full = np.asarray(model.logits([sequence]))[0, -1]
+            np.testing.assert_allclose(logits[i], full, rtol=1e-5, atol=1e-5)
+            crossed |= len(sequence) > ORIGINAL_MAX
+    assert crossed or len(lengths) == 1
+
+
+def test_always_long_equals_long_factor_forward(longrope_model):
+    """The "always long" policy: every position uses the long factors, so the cached logits
+    equal a full forward forced to long factors, and no re-prefill happens."""
+    model, _ = longrope_model
+    module = model.module()
+    prompt = _prompt(9, seed=11)
+    for step, generated, logits, _ in _stepwise_logits(model, [prompt], rope_policy="always_long"):
+        if step % 6:
+            continue
+        sequence = np.asarray([prompt + generated[0][:-1]], np.int32)
+        positions = np.arange(sequence.shape[1], dtype=np.int32)[None]
+        full, _ = module(sequence, positions, use_long=np.ones(1, bool))
+        np.testing.assert_allclose(logits[0], np.asarray(full)[0, -1], rtol=1e-5, atol=1e-5)
+    [short] = model.generate(prompt, max_new_tokens=NEW)
+    [long] = model.generate(prompt, max_new_tokens=NEW, rope_policy="always_long")
+    assert short.token_ids != long.token_ids  # the trade-off: not transformers' output
+
+
+# ---- stopping -------------------------------------------------------------------------------
+
+def test_rows_stop_on_their_own_eos_and_stay_padded(longrope_model):
+    model, _ = longrope_model
+    prompts = [_prompt(5, seed=12), _prompt(9, seed=13)]
+    free = model.generate(prompts, max_new_tokens=NEW)
+    # Pick, as an extra eos, a token row 0 generates for the first time at step j >= 2.
+    ids0 = free[0].token_ids
+    j = next(j for j in range(2, len(ids0)) if ids0[j] not in ids0[:j])
+    eos = ids0[j]
+    stopped = model.generate(prompts, max_new_tokens=NEW, stop_token_ids=[eos])
+    assert stopped[0].token_ids == ids0[:j + 1] and stopped[0].finish_reason == "stop"
+    ids1 = free[1].token_ids
+    cut = ids1.index(eos) + 1 if eos in ids1 else len(ids1)
+    assert stopped[1].token_ids == ids1[:cut]
+    # On the device, the finished row holds pad ids after its eos and never changes again.
+    request = gen._prepare(model, prompts, max_new_tokens=NEW, stop_token_ids=[eos])
+    state, decode, Tp, _ = gen._launch(model, request)
+    state = decode(state, NEW)
+    tail = np.asarray(state.tokens)[0, Tp + j + 1:Tp + NEW]
+    assert (tail == request.pad_id).all() and bool(np.asarray(state.done)[0])
+
+
+def test_max_new_tokens_and_context_limit(longrope_model):
+    model, _ = longrope_model
+    [out] = model.generate(_prompt(5, seed=14), max_new_tokens=3, stop_token_ids=[])
+    assert len(out.token_ids) <= 3
+    limit = model.config.max_position_embeddings
+    [edge] = model.generate(_prompt(limit - 2, seed=15), max_new_tokens=NEW)
+    assert len(edge.token_ids) <= 2  # the context ends two tokens later
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model.generate(_prompt(limit, seed=16), max_new_tokens=1)
+
+
+def test_text_stop_strings_and_streaming(text_model):
+    model = text_model
+    tok = model.tokenizer
+    [full] = model.generate("the quick brown fox", max_new_tokens=NEW)
+    assert full.text == tok.decode(
+        full.token_ids[:-1] if full.finish_reason == "stop" else full.token_ids,
+        skip_special_tokens=True)
+    # Streaming yields deltas that join to the same text, spaces included.
+    chunks = []
+    [streamed] = model.generate("the quick brown fox", max_new_tokens=NEW, stream=chunks.append)
+    assert streamed == full
+    assert "".join(c.text for c in chunks) == full.text
+    assert sum(len(c.token_ids) for c in chunks) == len(full.token_ids)
+    assert chunks[-1].finish_reason == full.finish_reason
+    # A stop string from the middle of the text ends the row there, text trimmed before it.
+    text = full.text
+    assert len(text) > 8, text
+    start = len(text) // 2
+    stop = text[start:start + 3]
+    [cut] = model.generate("the quick brown fox", max_new_tokens=NEW, stop=["@@never", stop])
+    assert cut.text == text[:text.find(stop)] and cut.finish_reason == "stop"
+    n = len(cut.token_ids)
+    assert cut.token_ids == full.token_ids[:n]
+    assert stop in tok.decode(cut.token_ids, skip_special_tokens=True)
+    assert stop not in tok.decode(cut.token_ids[:-1], skip_special_tokens=True)
+    # Streaming with the stop string never shows text past it.
+    pieces = [c.text for c in gen.generate_stream(model, "the quick brown fox",
+                                                  max_new_tokens=NEW, stop=stop)]
+    assert "".join(pieces) == cut.text
+
+
+# ---- sampling, compilation, errors ----------------------------------------------------------
+
+def test_sampling_is_reproducible_and_reuses_the_compiled_loop(longrope_model):
+    model, _ = longrope_model
+    prompt = _prompt(6, seed=17)
+    settings = dict(max_new_tokens=NEW, temperature=0.8, top_k=20, top_p=0.95)
+    a = model.generate(prompt, seed=3, **settings)
+    size = gen._decode._cache_size()
+    assert model.generate(prompt, seed=3, **settings) == a
+    assert model.generate(prompt, seed=4, **settings) != a
+    model.generate(prompt, seed=3, **{**settings, "temperature": 1.1, "top_k": 7})
+    assert gen._decode._cache_size() == size  # new numbers, same program
+
+
+@pytest.fixture
+def count_compiles():
+    """Counts XLA compilations (every jitted program, not only ours) while active."""
+    events = []
+
+    def listener(name, duration, **kwargs):
+        if name == "/jax/core/compile/backend_compile_duration":
+            events.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    yield events
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_compiles_once_per_bucket(tmp_path, count_compiles):
+    # A one-layer model: its programs cannot have been compiled by another test.
+    model = phi3_jax.load(make_hf_checkpoint(tmp_path / "ckpt", seed=18, num_hidden_layers=1))
+    prompts = [_prompt(n, seed=n) for n in (5, 17, 100)]  # buckets 16, 32 and 128
+    prefills, decodes = gen._prefill._cache_size(), gen._decode._cache_size()
+    for prompt in prompts:
+        model.generate(prompt, max_new_tokens=4)
+    assert gen._prefill._cache_size() - prefills == 3
+    assert gen._decode._cache_size() - decodes == 3
+    assert len(count_compiles) <= 6, "unexpected compilations besides prefill/decode"
+    count_compiles.clear()
+    for prompt in [*prompts, _prompt(9, seed=1), _prompt(70, seed=2)]:  # same buckets
+        model.generate(prompt, max_new_tokens=4, stop_token_ids=[5])
+    assert count_compiles == []
+
+
+def test_bad_requests(longrope_model):
+    model, _ = longrope_model
+    with pytest.raises(ValueError, match="no tokenizer"):
+        model.generate("hello", max_new_tokens=2)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model.generate([1, 2, 500], max_new_tokens=2)
+    with pytest.raises(ValueError, match="rope_policy"):
+        model.generate([1, 2], rope_policy="sometimes")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate([1, 2], max_new_tokens=0)
+    with pytest.raises(ValueError, match="prompt 1"):
+        model.generate([[1, 2], []], max_new_tokens=2)
+    with pytest.raises(ValueError, match="need a tokenizer"):
+        model.generate([1, 2], stop="x")
