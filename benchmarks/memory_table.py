@@ -70,10 +70,12 @@ def main() -> None:
             for row in rows_for(name, Phi3Config.from_hf(path))]
 
     print("| model | mesh | weights per device (bf16) | KV cache per 1k tokens per device "
-          "(bf16, batch 1) | attention (K heads) |")
+          "(bf16, batch 1) | attention and KV cache |")
     print("|---|---|---:|---:|---|")
     for r in rows:
-        attention = ("split" if r["attention_split"] else "replicated") + f" ({r['kv_heads']})"
+        m, K = r["model_axis"], r["kv_heads"]
+        attention = ("one device" if m == 1 else f"split ({K // m} KV heads per device)"
+                     if r["attention_split"] else f"replicated ({K} KV heads do not divide)")
         print(f"| {r['model']} | model={r['model_axis']} | {r['weights_bytes'] / GIB:.2f} GiB "
               f"| {r['kv_cache_bytes_per_1k_tokens'] / MIB:.1f} MiB | {attention} |")
     print(json.dumps({"benchmark": "memory_table", "jax": jax.__version__,

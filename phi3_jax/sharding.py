@@ -292,7 +292,7 @@ def check_mesh_fits(config: Phi3Config, mesh: Mesh, batch: int | None = None, *,
     if batch is not None:
         check_batch(batch, mesh)
     if strict:
-        problems = _not_dividing(config, mesh)
+        problems = [note for note, own in _kept_whole_notes(config, mesh) if own]
         if problems:
             sizes = config_axis_sizes(config)
             fits = _mesh_options(mesh.size, lambda d, m: all(
@@ -302,35 +302,30 @@ def check_mesh_fits(config: Phi3Config, mesh: Mesh, batch: int | None = None, *,
                             f"every one: {fits}")
 
 
-def _not_dividing(config: Phi3Config, mesh: Mesh) -> list[str]:
+def _kept_whole_notes(config: Phi3Config, mesh: Mesh) -> list[tuple[str, bool]]:
+    """(why, own) for each logical axis kept whole; own is False for a follower that would
+    divide and is kept whole only with its leader."""
     sizes = config_axis_sizes(config)
-    whole = kept_whole(sizes, mesh)
-    out = []
-    for name in sorted(whole):
+    notes = []
+    # Leaders first: "kv_heads does not divide" reads before "heads follows kv_heads".
+    for name in sorted(kept_whole(sizes, mesh), key=lambda name: (name in FOLLOWS, name)):
         axis = RULES[name]
-        if name in FOLLOWS and FOLLOWS[name] in whole and sizes[name] % axis_size(mesh, axis) == 0:
-            continue  # divides, but kept whole with its leader: reported under the leader
         n = axis_size(mesh, axis)
-        out.append(f"{name} ({sizes[name]}) does not divide over {axis}={n} "
-                   f"(sizes that divide it: {_divisors(sizes[name])})")
-    return out
+        if sizes[name] % n:
+            notes.append((f"{name} ({sizes[name]}) does not divide over {axis}={n} "
+                          f"(sizes that divide it: {_divisors(sizes[name])})", True))
+        else:
+            notes.append((f"{name} ({sizes[name]}) follows {FOLLOWS[name]}", False))
+    return notes
 
 
 def describe(config: Phi3Config, mesh: Mesh) -> str:
-    """One line: the mesh, and which logical axes are kept whole on it and why."""
-    sizes = config_axis_sizes(config)
-    whole = kept_whole(sizes, mesh)
+    """One line: the mesh, and which logical axes are kept whole (replicated) on it and why."""
     head = f"mesh {_fmt(dict(mesh.shape))} over {mesh.size} devices"
-    if not whole:
+    notes = _kept_whole_notes(config, mesh)
+    if not notes:
         return head + ": every split axis divides"
-    notes = []
-    for name in sorted(whole):
-        n = axis_size(mesh, RULES[name])
-        if sizes[name] % n:
-            notes.append(f"{name} ({sizes[name]}) does not divide over model={n}")
-        else:
-            notes.append(f"{name} ({sizes[name]}) follows {FOLLOWS[name]}")
-    return head + "; replicated: " + "; ".join(notes)
+    return head + "; replicated: " + "; ".join(note for note, _ in notes)
 
 
 # ---------------------------------------------------------------------------- memory
