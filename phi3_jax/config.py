@@ -181,24 +181,30 @@ class Phi3Config:
         max_pos = raw.get("max_position_embeddings", 4096)
         eos = raw.get("eos_token_id", 32000)
         eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
-        return cls(
-            vocab_size=raw["vocab_size"],
-            hidden_size=raw["hidden_size"],
-            intermediate_size=raw["intermediate_size"],
-            num_hidden_layers=raw["num_hidden_layers"],
-            num_attention_heads=raw["num_attention_heads"],
-            num_key_value_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
-            max_position_embeddings=max_pos,
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(theta if theta is not None else 10000.0),
-            partial_rotary_factor=partial,
-            rope_scaling=_parse_rope_scaling(rope, raw, max_pos),
-            sliding_window=raw.get("sliding_window"),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            bos_token_id=raw.get("bos_token_id"),
-            eos_token_id=eos,
-            pad_token_id=raw.get("pad_token_id"),
-        )
+        try:
+            return cls(
+                vocab_size=raw["vocab_size"],
+                hidden_size=raw["hidden_size"],
+                intermediate_size=raw["intermediate_size"],
+                num_hidden_layers=raw["num_hidden_layers"],
+                num_attention_heads=raw["num_attention_heads"],
+                num_key_value_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
+                max_position_embeddings=max_pos,
+                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
+                rope_theta=float(theta if theta is not None else 10000.0),
+                partial_rotary_factor=partial,
+                rope_scaling=_parse_rope_scaling(rope, raw, max_pos),
+                sliding_window=raw.get("sliding_window"),
+                tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+                bos_token_id=raw.get("bos_token_id"),
+                eos_token_id=eos,
+                pad_token_id=raw.get("pad_token_id"),
+            )
+        except ConfigError as e:
+            if raw.get("rope_scaling") or not raw.get("rope_parameters"):
+                raise
+            # Our field is called rope_scaling; name the key this config.json actually uses.
+            raise ConfigError(str(e).replace("'rope_scaling", "'rope_parameters")) from e
 
     def to_hf(self) -> dict[str, Any]:
         """The config.json dict transformers' Phi3Config reads (v4 layout, which v5 also reads)."""
