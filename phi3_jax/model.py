@@ -56,6 +56,9 @@ class DecoderLayer(nnx.Module):
         return x, kv
 
 
+_remat_layer = nnx.remat(DecoderLayer.__call__)
+
+
 class Phi3Model(nnx.Module):
     def __init__(self, config: Phi3Config, dtype: jnp.dtype, rngs: nnx.Rngs):
         self.embed_tokens = Embedding(config, dtype, rngs)
@@ -66,9 +69,12 @@ class Phi3Model(nnx.Module):
 
 class Phi3ForCausalLM(nnx.Module):
     def __init__(self, config: Phi3Config, *, dtype: jnp.dtype = jnp.float32,
-                 rngs: nnx.Rngs | None = None):
+                 rngs: nnx.Rngs | None = None, remat: bool = False):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
+        # Training option: recompute each layer's activations in the backward pass instead of
+        # storing them (memory for compute). A static attribute, so it lives in the graphdef.
+        self.remat = remat
         self.model = Phi3Model(config, dtype, rngs)
         if not config.tie_word_embeddings:
             self.lm_head = Embedding(config, dtype, rngs)
@@ -95,9 +101,10 @@ class Phi3ForCausalLM(nnx.Module):
                 cache.positions, positions.astype(jnp.int32), (0, cache.index))
             mask = attention_mask(positions, key_positions, config.sliding_window)
         new_k, new_v = [], []
+        call = _remat_layer if self.remat and cache is None else DecoderLayer.__call__
         for i, layer in enumerate(self.model.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv = layer(x, cos, sin, mask, kv, None if cache is None else cache.index)
+            x, kv = call(layer, x, cos, sin, mask, kv, None if cache is None else cache.index)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])

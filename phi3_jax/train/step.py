@@ -1,0 +1,211 @@
+"""The jitted train step: explicit state in, new state out (donated), on one device or a mesh.
+
+The model is the serving model (`Phi3ForCausalLM`, optionally with LoRA projections and per-layer
+rematerialisation), split once into a graphdef and parameter pytrees. Parameters come in two
+groups:
+
+- trainable: the whole model (full fine-tuning) or the LoRA factors, held as fp32 master
+  weights; the optimizer state follows them, so it is fp32 too;
+- frozen: nothing, or the LoRA base weights, held in the compute dtype and never updated.
+
+Each step casts the trainable copy to the compute dtype (bf16 training with fp32 master weights,
+or fp32 throughout), so the gradient flows back through the cast into fp32.
+
+Sharding (FSDP + tensor parallelism): every parameter keeps its tensor-parallel layout from the
+logical-axis rules over `model`, and its largest remaining dimension that `data` divides is also
+split over `data`; optimizer moments mirror their parameter. The batch is split over `data`.
+XLA inserts the all-gathers and reduce-scatters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from phi3_jax import sharding
+from phi3_jax.config import Phi3Config
+from phi3_jax.model import Phi3ForCausalLM
+from phi3_jax.train.lora import LoRAConfig, LoRAParam, add_lora
+from phi3_jax.train.loss import token_loss_sum
+
+Params = dict  # a pure dict of arrays, nnx.State.to_pure_dict() shaped
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: jax.Array  # [] int32: optimizer steps taken
+    params: Params  # trainable parameters, fp32 master weights
+    opt_state: Any  # optax state, fp32
+    rng: jax.Array  # [2] uint32 raw key; split every step (for stochastic extensions)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What the train step needs to rebuild the model: its graph and how to feed it."""
+
+    graphdef: nnx.GraphDef
+    compute_dtype: jnp.dtype
+    lora: LoRAConfig | None
+
+    def module(self, trainable: Params, frozen: Params | None) -> Phi3ForCausalLM:
+        if self.lora is None:
+            return nnx.merge(self.graphdef, trainable)
+        return nnx.merge(self.graphdef, trainable, frozen)
+
+
+def build_model_spec(config: Phi3Config, compute_dtype: jnp.dtype, *, remat: bool = False,
+                     lora: LoRAConfig | None = None, seed: int = 0,
+                     ) -> tuple[ModelSpec, nnx.State, nnx.State | None]:
+    """(spec, abstract trainable state, abstract frozen state or None); allocates nothing.
+
+    The abstract states are nnx.State of Variables (with their logical_axes metadata)."""
+    graphdef, trainable, frozen = _split(nnx.eval_shape(_builder(config, compute_dtype, remat,
+                                                                 lora, seed)), lora)
+    return ModelSpec(graphdef, jnp.dtype(compute_dtype), lora), trainable, frozen
+
+
+def init_lora_params(config: Phi3Config, lora: LoRAConfig, seed: int,
+                     shardings: Params | None = None) -> Params:
+    """Freshly initialised LoRA factors (fp32; B = 0), placed with `shardings` if given.
+
+    The adapters are built on an abstract base model: only the small factors are allocated."""
+    model = nnx.eval_shape(_builder(config, jnp.float32, False, None, seed))
+    _, trainable, _ = _split(add_lora(model, lora, seed), lora)
+    params = trainable.to_pure_dict()
+    return jax.device_put(params, shardings) if shardings is not None else params
+
+
+def _builder(config, dtype, remat, lora, seed) -> Callable[[], Phi3ForCausalLM]:
+    def make():
+        model = Phi3ForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(seed), remat=remat)
+        return add_lora(model, lora, seed) if lora is not None else model
+    return make
+
+
+def _split(model, lora):
+    if lora is None:
+        graphdef, params = nnx.split(model, nnx.Param)
+        return graphdef, params, None
+    return nnx.split(model, LoRAParam, nnx.Param)
+
+
+# ---- sharding ----
+
+def add_fsdp(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """`spec` plus `data` on the largest dimension it leaves free and `data` divides."""
+    out = list(spec) + [None] * (len(shape) - len(spec))
+    n = sharding.axis_size(mesh, "data")
+    if n > 1 and "data" not in out:
+        free = [i for i, (s, size) in enumerate(zip(out, shape, strict=True))
+                if s is None and size % n == 0]
+        if free:
+            out[max(free, key=lambda i: shape[i])] = "data"
+    return PartitionSpec(*out)
+
+
+def state_shardings(abstract: nnx.State, mesh: Mesh) -> Params:
+    """A NamedSharding per parameter (pure dict): the tensor-parallel rules, plus FSDP."""
+    tp = sharding.param_shardings(abstract, mesh)
+    out: Params = {}
+    for path, var in nnx.to_flat_state(abstract):
+        node, spec = out, tp
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        for key in path:
+            spec = spec[key]
+        node[path[-1]] = NamedSharding(mesh, add_fsdp(spec.spec, var.shape, mesh))
+    return out
+
+
+def train_state_shardings(optimizer: optax.GradientTransformation, abstract_params: Params,
+                          param_shardings: Params, mesh: Mesh) -> TrainState:
+    """Shardings for a TrainState: optimizer moments mirror their parameter; scalars replicate."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+    opt = optax.tree_utils.tree_map_params(
+        optimizer, lambda _, s: s, abstract_opt, param_shardings,
+        transform_non_params=lambda _: replicated)
+    return TrainState(step=replicated, params=param_shardings, opt_state=opt, rng=replicated)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batches are [A (micro-batches), B, T]: B is split over `data`."""
+    return NamedSharding(mesh, PartitionSpec(None, "data", None))
+
+
+# ---- state and step ----
+
+def init_train_state(optimizer: optax.GradientTransformation, params: Params, seed: int,
+                     shardings: TrainState | None = None, donate: bool = False) -> TrainState:
+    """Step 0: fp32 master params, fresh optimizer state, the seed's key.
+
+    With `donate`, `params` is consumed (its buffers may be reused for the fp32 copy)."""
+    def init(params):
+        params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=optimizer.init(params),
+                          rng=jax.random.key_data(jax.random.key(seed)))
+
+    return jax.jit(init, out_shardings=shardings, donate_argnums=0 if donate else ())(params)
+
+
+def make_loss_fn(spec: ModelSpec) -> Callable:
+    """(trainable, frozen, batch) -> (token-loss sum, target-token count)."""
+    def loss_fn(trainable: Params, frozen: Params | None, batch: dict) -> tuple[jax.Array, Any]:
+        cast = jax.tree.map(lambda p: p.astype(spec.compute_dtype), trainable)
+        model = spec.module(cast, frozen)
+        logits, _ = model(batch["input_ids"], batch["positions"])  # [B, T, V]
+        return token_loss_sum(logits, batch["labels"])
+
+    return loss_fn
+
+
+def make_train_step(spec: ModelSpec, optimizer: optax.GradientTransformation,
+                    lr_schedule: optax.Schedule | None = None,
+                    shardings: TrainState | None = None) -> Callable:
+    """The jitted step: (state, frozen, batch) -> (state, metrics). `state` is donated.
+
+    batch: input_ids, labels, positions, each [A, B, T] int32 (A micro-batches, accumulated).
+    metrics: loss (mean over the step's target tokens), tokens, grad_norm (before clipping),
+    learning_rate, finite. A step whose loss or gradient is not finite changes nothing: the
+    state comes back as it went in, and the caller decides to stop.
+    """
+    grad_fn = jax.value_and_grad(make_loss_fn(spec), has_aux=True)
+
+    def step(state: TrainState, frozen: Params | None, batch: dict):
+        def micro(carry, mb):
+            grads, total, count = carry
+            (loss_sum, n), g = grad_fn(state.params, frozen, mb)
+            grads = jax.tree.map(jnp.add, grads, g)
+            return (grads, total + loss_sum, count + n), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+        (grads, total, count), _ = jax.lax.scan(micro, init, batch)
+        denom = jnp.maximum(count, 1).astype(jnp.float32)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        loss = total / denom
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                         opt_state=opt_state,
+                         rng=jax.random.key_data(jax.random.split(
+                             jax.random.wrap_key_data(state.rng))[0]))
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+        metrics = {"loss": loss, "tokens": count, "grad_norm": grad_norm, "finite": finite,
+                   "learning_rate": (lr_schedule(state.step) if lr_schedule is not None
+                                     else jnp.zeros((), jnp.float32))}
+        return new, metrics
+
+    if shardings is None:
+        return jax.jit(step, donate_argnums=0)
+    return jax.jit(step, donate_argnums=0, out_shardings=(shardings, None))
