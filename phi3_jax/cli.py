@@ -10,6 +10,8 @@ import sys
 COMMAND_MODULES = (
     "phi3_jax.demo",
     "phi3_jax.generate_cli",
+    "convert.cli",
+    "phi3_jax.train.cli",
 )
 
 

@@ -1,15 +1,283 @@
-"""phi3-jax Orbax checkpoints (placeholder until the converter lands: detection only)."""
+"""phi3-jax Orbax checkpoints: the folder layout, a streaming parameter writer, a sharded loader.
+
+A checkpoint folder (made by `phi3-jax convert`) holds:
+
+    phi3_jax.json   the metadata record (format, source, dtype, versions, tensor count). It is
+                    written last, so a folder that has it is complete; `is_orbax_checkpoint`
+                    looks for it.
+    config.json, generation_config.json, tokenizer files   as in the Hugging Face folder
+    params/         an Orbax PyTree checkpoint (OCDBT, zstd, chunks of <= 16 MiB) holding every
+                    parameter in our layout, named by its path in the model
+                    ("model.layers.0.self_attn.qkv_proj.weight"), so stock Orbax restores it.
+
+Writing streams. Orbax serializes all the leaves of a tree together, so a tree of arrays would
+hold the whole model in memory. Our leaves are `LazyTensor`s instead: a type handler builds each
+array only when its turn comes, writes it with Orbax's own numpy writer (so the files are exactly
+what an np.ndarray leaf produces), waits for the write and drops the array before the next.
+
+Loading restores every array straight into its target sharding and dtype: each device reads only
+the chunks of its own slice; nothing is assembled on one device first.
+
+Every orbax call lives in this module: its API moves between releases (0.12.4 and 0.12.8 are
+both in use), and the one private method we rely on is named below.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import jax
+    from jax.sharding import Mesh
+
+    from phi3_jax.api import Phi3
 
 MARKER = "phi3_jax.json"
+PARAMS_DIR = "params"
+FORMAT = "phi3-jax-orbax"
+FORMAT_VERSION = 1
+# Small enough that a device restoring a slice reads little beyond it, and that zstd runs on
+# several chunks of one tensor in parallel; large enough to keep the chunk count low.
+CHUNK_BYTES = 16 * 2**20
+
+Path = tuple[str | int, ...]
+
+
+class OrbaxCheckpointError(ValueError):
+    """A folder that is not a (complete, supported) phi3-jax Orbax checkpoint."""
 
 
 def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(path, MARKER))
 
 
-def load(path, dtype="float32", mesh=None):
-    raise NotImplementedError("Orbax checkpoints are not supported yet")
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata record of a checkpoint folder, checked for format and version."""
+    file = os.path.join(path, MARKER)
+    if not os.path.isfile(file):
+        raise OrbaxCheckpointError(f"{path} is not a phi3-jax Orbax checkpoint (no {MARKER}; "
+                                   f"make one with `phi3-jax convert`)")
+    try:
+        with open(file) as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise OrbaxCheckpointError(f"{file} is corrupt: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise OrbaxCheckpointError(f"{file}: format is not {FORMAT!r}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise OrbaxCheckpointError(f"{file}: format_version {meta.get('format_version')!r} is "
+                                   f"not supported (this phi3-jax reads {FORMAT_VERSION})")
+    return meta
+
+
+def orbax_version() -> str:
+    import orbax.checkpoint as ocp
+
+    return ocp.__version__
+
+
+def param_name(path: Path) -> str:
+    """The name Orbax stores a parameter under: its path joined with dots."""
+    return ".".join(map(str, path))
+
+
+@dataclasses.dataclass
+class LazyTensor:
+    """A leaf whose array is built only when the writer reaches it, then dropped.
+
+    `produce` returns the array (any layout; it is made C-contiguous); `written` is called once
+    its bytes are on disk (to release source pages, advance a progress bar). Tensors are written
+    in increasing `order`, so a source can be read front to back.
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    produce: Callable[[], np.ndarray]
+    order: int = 0
+    written: Callable[[], None] | None = None
+
+    def __post_init__(self):
+        self.shape = tuple(int(d) for d in self.shape)
+        self.dtype = np.dtype(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def materialize(self) -> np.ndarray:
+        array = np.ascontiguousarray(self.produce())
+        if array.shape != self.shape or array.dtype != self.dtype:
+            raise ValueError(f"produced {array.shape} {array.dtype}, declared {self.shape} "
+                             f"{self.dtype}")
+        return array
+
+
+class _Done:
+    """A future that is already complete (the streaming handler writes before returning)."""
+
+    def result(self, timeout: float | None = None) -> None:
+        return None
+
+    def cancel(self) -> None:
+        return None
+
+
+@functools.cache
+def _streaming_handler_class() -> type:
+    import orbax.checkpoint as ocp
+
+    class StreamingNumpyHandler(ocp.type_handlers.NumpyHandler):
+        """Writes LazyTensor leaves one at a time, in the np.ndarray on-disk format."""
+
+        async def serialize(self, values, infos, args=None):
+            args = args or [ocp.SaveArgs()] * len(values)
+            for i in sorted(range(len(values)), key=lambda i: values[i].order):
+                array = values[i].materialize()
+                # NumpyHandler.serialize would deep-copy every value up front (0.12.4 always
+                # does), which is the whole model; its write coroutine takes them one by one.
+                # Private, but unchanged from 0.12.4 to 0.12.8.
+                await self._background_serialize([array], [infos[i]], [args[i]])
+                del array
+                if values[i].written is not None:
+                    values[i].written()
+            return [_Done()]
+
+    return StreamingNumpyHandler
+
+
+def _nest(flat: Mapping[Path, Any]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(str(key), {})
+        node[str(path[-1])] = value
+    return tree
+
+
+def _flatten(tree: Mapping, paths: Iterable[Path]) -> dict[Path, Any]:
+    out = {}
+    for path in paths:
+        node = tree
+        for key in path:
+            node = node[str(key)]
+        out[path] = node
+    return out
+
+
+def save_params(directory: str | os.PathLike, tensors: Mapping[Path, LazyTensor]) -> None:
+    """Writes the tensors as an Orbax PyTree checkpoint at `directory` (which must not exist),
+    holding at most one of them in memory at a time."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (LazyTensor, _streaming_handler_class()()),
+        # Unused here, but without it Orbax warns that array metadata is disabled.
+        (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)),
+    )
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_ocdbt=True,
+                                          use_compression=True)
+    save_args = {p: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES) for p in tensors}
+    checkpointer = ocp.Checkpointer(handler)
+    try:
+        checkpointer.save(os.path.abspath(directory), args=ocp.args.PyTreeSave(
+            _nest(tensors), save_args=_nest(save_args)))
+    finally:
+        checkpointer.close()
+
+
+def restore_params(directory: str | os.PathLike,
+                   targets: Mapping[Path, tuple[tuple[int, ...], Any, jax.sharding.Sharding]],
+                   ) -> dict[Path, jax.Array]:
+    """Restores every parameter as a jax.Array in the given (shape, dtype, sharding).
+
+    Each device reads only its own slice (converted to `dtype` as it is read); the checkpoint
+    must hold exactly these parameters.
+    """
+    import orbax.checkpoint as ocp
+
+    item = {p: _abstract(shape, dtype) for p, (shape, dtype, _) in targets.items()}
+    args = {p: ocp.ArrayRestoreArgs(sharding=sharding, global_shape=tuple(shape), dtype=dtype)
+            for p, (shape, dtype, sharding) in targets.items()}
+    restored = _restore(directory, item, args, partial=False)
+    return _flatten(restored, targets)
+
+
+def restore_host(directory: str | os.PathLike, paths: Sequence[Path],
+                 shapes: Mapping[Path, tuple[int, ...]], dtype: Any) -> dict[Path, np.ndarray]:
+    """Restores some parameters as host numpy arrays in their stored dtype (for export)."""
+    import orbax.checkpoint as ocp
+
+    item = {p: _abstract(shapes[p], dtype) for p in paths}
+    args = {p: ocp.RestoreArgs(restore_type=np.ndarray) for p in paths}
+    restored = _restore(directory, item, args, partial=True)
+    out = _flatten(restored, paths)
+    for p, array in out.items():
+        if tuple(array.shape) != tuple(shapes[p]):
+            raise OrbaxCheckpointError(f"{directory}: parameter {param_name(p)} has shape "
+                                       f"{list(array.shape)}; config.json implies "
+                                       f"{list(shapes[p])}")
+    return out
+
+
+def _abstract(shape: tuple[int, ...], dtype: Any) -> Any:
+    import jax
+
+    return jax.ShapeDtypeStruct(tuple(shape), dtype)
+
+
+def _restore(directory, item: dict, args: dict, partial: bool) -> dict:
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(directory)
+    if not os.path.isdir(directory):
+        raise OrbaxCheckpointError(f"{directory} is missing: the checkpoint is incomplete")
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    try:
+        kwargs = {"partial_restore": True} if partial else {}
+        return checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
+            item=_nest(item), restore_args=_nest(args), **kwargs))
+    except (KeyError, ValueError) as e:
+        # Orbax reports a tree or shape mismatch deep in its own terms; name the checkpoint.
+        raise OrbaxCheckpointError(f"{directory}: the stored parameters do not match "
+                                   f"config.json: {e}") from e
+    finally:
+        checkpointer.close()
+
+
+def load(path: str | os.PathLike, dtype: str | Any = "float32",
+         mesh: str | dict | Mesh | None = None) -> Phi3:
+    """Loads a phi3-jax Orbax checkpoint; with a mesh, each parameter is restored straight into
+    its sharding from `phi3_jax.sharding.param_shardings`."""
+    import jax
+    from flax import nnx
+
+    from phi3_jax import api, sharding
+    from phi3_jax.config import Phi3Config
+
+    path = os.fspath(path)
+    dtype = api.resolve_dtype(dtype)
+    read_metadata(path)
+    config = Phi3Config.from_hf(path)
+    mesh = sharding.make_mesh(mesh) if mesh is not None else None
+    graphdef, abstract = api.abstract_model(config, dtype)
+    if mesh is not None:
+        shardings = dict(nnx.to_flat_state(sharding.param_shardings(abstract, mesh)))
+    else:
+        shardings = None
+        one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    targets = {}
+    for p, var in nnx.to_flat_state(abstract):
+        targets[p] = (tuple(var.shape), dtype, shardings[p] if shardings else one_device)
+    arrays = restore_params(os.path.join(path, PARAMS_DIR), targets)
+    params = api.fill_state(abstract, arrays)
+    return api.Phi3(config, graphdef, params, tokenizer=api._maybe_tokenizer(path),
+                    generation_config=api.read_generation_config(path), mesh=mesh, path=path)

@@ -1,0 +1,160 @@
+"""Hugging Face safetensors -> phi3-jax Orbax checkpoint, streamed one tensor at a time.
+
+Every name and shape is checked before any data is read (`HFCheckpoint.check`). Each tensor is
+then read from its memory map, put in our layout and dtype, written, and dropped; the pages it
+touched are handed back to the kernel right away, because mapped file pages count towards a
+process's resident memory just as allocations do. Peak memory is a few copies of the largest
+tensor, whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import shutil
+import time
+from typing import Any
+
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from convert.atomic import atomic_directory, check_destination, check_interrupted
+from phi3_jax import orbax_checkpoint as ock
+from phi3_jax.api import DTYPES, abstract_model
+from phi3_jax.config import Phi3Config
+from phi3_jax.hf_weights import HFCheckpoint, TensorSpec
+
+SIDE_FILES = ("generation_config.json",)
+
+
+def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | None = None,
+            force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Converts a Hugging Face Phi-3 folder into a phi3-jax Orbax checkpoint at `out_dir`.
+
+    `dtype` ("bfloat16", "float32", "float16") defaults to the checkpoint's own. An existing
+    `out_dir` is refused unless `force`, and then replaced only once the new one is complete.
+    Returns the metadata record written with the checkpoint.
+    """
+    hf_dir = os.path.abspath(hf_dir)
+    if not os.path.isdir(hf_dir):
+        raise FileNotFoundError(f"no model folder at {hf_dir}")
+    check_destination(out_dir, force, sources=(hf_dir,))
+    config = Phi3Config.from_hf(hf_dir)
+    checkpoint = HFCheckpoint(hf_dir)
+    specs = checkpoint.check(config)
+    target = _target_dtype(dtype, checkpoint, specs)
+    _, abstract = abstract_model(config, target)
+    shapes = {path: tuple(var.shape) for path, var in nnx.to_flat_state(abstract)}
+    total = sum(int(np.prod(shapes[s.path])) * target.itemsize for s in specs)
+
+    start = time.perf_counter()
+    with atomic_directory(out_dir, force) as tmp, tqdm(
+            total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert",
+            disable=not progress, leave=False) as bar:
+        tensors = {}
+        for order, spec in enumerate(specs):
+            tensors[spec.path] = ock.LazyTensor(
+                shapes[spec.path], target, produce=_reader(checkpoint, spec, target),
+                order=order, written=_releaser(checkpoint, spec, bar, shapes[spec.path], target))
+        ock.save_params(os.path.join(tmp, ock.PARAMS_DIR), tensors)
+        check_interrupted()
+        tokenizer_files = _copy_side_files(hf_dir, tmp, target)
+        meta = {
+            "format": ock.FORMAT,
+            "format_version": ock.FORMAT_VERSION,
+            "source": hf_dir,
+            "source_dtypes": sorted({_dtype_name(checkpoint[s.hf_name].dtype) for s in specs}),
+            "dtype": _dtype_name(target),
+            "tensor_count": len(specs),
+            "parameter_count": int(sum(np.prod(shapes[s.path]) for s in specs)),
+            "bytes": total,
+            "params": ock.PARAMS_DIR,
+            "tokenizer_files": tokenizer_files,
+            "phi3_jax_version": _version(),
+            "orbax_checkpoint_version": ock.orbax_version(),
+        }
+        # Written last: its presence is what marks the folder a complete checkpoint.
+        with open(os.path.join(tmp, ock.MARKER), "w") as f:
+            json.dump(meta, f, indent=2)
+    meta["seconds"] = time.perf_counter() - start
+    return meta
+
+
+def _target_dtype(dtype: str | None, checkpoint: HFCheckpoint,
+                  specs: list[TensorSpec]) -> np.dtype:
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported; choose from {sorted(DTYPES)}")
+        return np.dtype(DTYPES[dtype])
+    found = {np.dtype(checkpoint[s.hf_name].dtype) for s in specs}
+    supported = {np.dtype(d) for d in DTYPES.values()}
+    if len(found) == 1 and found <= supported:
+        return found.pop()
+    names = sorted(map(_dtype_name, found))
+    raise ValueError(f"{checkpoint.path} stores {', '.join(names)} tensors; pass --dtype "
+                     f"(one of {', '.join(sorted(DTYPES))})")
+
+
+def _reader(checkpoint: HFCheckpoint, spec: TensorSpec, dtype: np.dtype):
+    def produce() -> np.ndarray:
+        check_interrupted()  # between tensors: nothing is in flight
+        # A memory-mapped view; when layout and dtype already match, it is written as it is.
+        return spec.to_jax(checkpoint[spec.hf_name]).astype(dtype, copy=False)
+    return produce
+
+
+def _releaser(checkpoint: HFCheckpoint, spec: TensorSpec, bar: tqdm, shape: tuple[int, ...],
+              dtype: np.dtype):
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+
+    def written() -> None:
+        release_pages(checkpoint[spec.hf_name])
+        bar.update(nbytes)
+    return written
+
+
+def release_pages(view: np.ndarray) -> None:
+    """Drops the mapped file pages behind a memory-mapped view from this process's resident set
+    (they stay in the page cache; touching them again faults them back in)."""
+    base = view
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)
+    if base is not None and hasattr(mmap, "MADV_DONTNEED"):
+        base.madvise(mmap.MADV_DONTNEED)
+
+
+def _copy_side_files(hf_dir: str, out: str, dtype: np.dtype) -> list[str]:
+    """config.json (its dtype field updated), generation_config.json and the tokenizer files."""
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        config = json.load(f)
+    for key in ("torch_dtype", "dtype"):  # transformers v4 writes the first, v5 the second
+        if key in config:
+            config[key] = _dtype_name(dtype)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    for name in SIDE_FILES:
+        if os.path.isfile(os.path.join(hf_dir, name)):
+            shutil.copy2(os.path.join(hf_dir, name), os.path.join(out, name))
+    return copy_tokenizer(hf_dir, out)
+
+
+def copy_tokenizer(src: str, dst: str) -> list[str]:
+    """The tokenizer files `src` has, copied into `dst` (none if it ships no tokenizer)."""
+    from phi3_jax.tokenizer import copy_tokenizer_files
+
+    if not any(os.path.isfile(os.path.join(src, n)) for n in ("tokenizer.model",
+                                                                "tokenizer.json")):
+        return []
+    return sorted(os.path.basename(p) for p in copy_tokenizer_files(src, dst))
+
+
+def _dtype_name(dtype: Any) -> str:
+    return np.dtype(dtype).name
+
+
+def _version() -> str:
+    from phi3_jax import __version__
+
+    return __version__

@@ -1,0 +1,114 @@
+"""phi3-jax Orbax checkpoint -> Hugging Face safetensors folder that transformers loads.
+
+Tensors come back in the checkpoint's dtype under their original names and shapes; the layout
+changes are pure transposes and reshapes, so HF -> Orbax -> HF is bit-exact. They are restored
+one layer at a time and each is written as soon as the safetensors writer reaches it (the writer
+needs only shapes up front), so memory stays at about one layer.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from convert.atomic import atomic_directory, check_destination, check_interrupted
+from convert.hf_to_orbax import SIDE_FILES, copy_tokenizer
+from phi3_jax import orbax_checkpoint as ock
+from phi3_jax.api import abstract_model, resolve_dtype
+from phi3_jax.config import Phi3Config
+from phi3_jax.hf_weights import TensorSpec, parse_size, tensor_specs, write_hf_tensors
+
+Path = tuple[str | int, ...]
+
+
+def export(orbax_dir: str | os.PathLike, hf_dir: str | os.PathLike,
+           max_shard_size: str | int = "2GB", force: bool = False,
+           progress: bool = True) -> list[str]:
+    """Writes the checkpoint as a Hugging Face folder; returns the file names written.
+
+    Shards past `max_shard_size` (with model.safetensors.index.json); a tied model has no
+    lm_head.weight. An existing `hf_dir` is refused unless `force`.
+    """
+    orbax_dir = os.path.abspath(orbax_dir)
+    if not os.path.isdir(orbax_dir):
+        raise FileNotFoundError(f"no checkpoint folder at {orbax_dir}")
+    meta = ock.read_metadata(orbax_dir)
+    check_destination(hf_dir, force, sources=(orbax_dir,))
+    parse_size(max_shard_size)  # a bad size fails before anything is written
+    config = Phi3Config.from_hf(orbax_dir)
+    dtype = resolve_dtype(meta["dtype"])
+    _, abstract = abstract_model(config, dtype)
+    shapes = {path: tuple(var.shape) for path, var in nnx.to_flat_state(abstract)}
+    specs = tensor_specs(config)
+    total = sum(int(np.prod(s.hf_shape)) * dtype.itemsize for s in specs)
+
+    with atomic_directory(hf_dir, force) as tmp, tqdm(
+            total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="export",
+            disable=not progress, leave=False) as bar:
+        reader = _LayerReader(os.path.join(orbax_dir, meta.get("params", ock.PARAMS_DIR)),
+                              [s.path for s in specs], shapes, dtype)
+        tensors = [(s.hf_name, _PendingTensor(s, dtype, reader.get, bar.update)) for s in specs]
+        files = write_hf_tensors(tmp, tensors, max_shard_size, metadata={"format": "pt"})
+        shutil.copy2(os.path.join(orbax_dir, "config.json"), os.path.join(tmp, "config.json"))
+        files.append("config.json")
+        for name in SIDE_FILES:
+            if os.path.isfile(os.path.join(orbax_dir, name)):
+                shutil.copy2(os.path.join(orbax_dir, name), os.path.join(tmp, name))
+                files.append(name)
+        files += copy_tokenizer(orbax_dir, tmp)
+    return files
+
+
+def _group(path: Path) -> Any:
+    """Parameters restored together: one decoder layer, or one top-level tensor."""
+    return path[:3] if path[:2] == ("model", "layers") else path
+
+
+class _LayerReader:
+    """Restores one group of parameters at a time and hands each array out once."""
+
+    def __init__(self, directory: str, paths: list[Path], shapes: dict[Path, tuple[int, ...]],
+                 dtype: np.dtype):
+        self.directory, self.shapes, self.dtype = directory, shapes, dtype
+        self.groups: dict[Any, list[Path]] = {}
+        for path in paths:
+            self.groups.setdefault(_group(path), []).append(path)
+        self.arrays: dict[Path, np.ndarray] = {}
+
+    def get(self, path: Path) -> np.ndarray:
+        if path not in self.arrays:
+            self.arrays = ock.restore_host(self.directory, self.groups[_group(path)],
+                                           self.shapes, self.dtype)
+        array = self.arrays.pop(path)
+        if array.dtype != self.dtype:
+            raise ock.OrbaxCheckpointError(f"{self.directory}: parameter {ock.param_name(path)} "
+                                           f"is stored as {array.dtype}, not {self.dtype}")
+        return array
+
+
+class _PendingTensor:
+    """Shape and dtype now, bytes when the safetensors writer converts it to an array."""
+
+    def __init__(self, spec: TensorSpec, dtype: np.dtype, get: Callable[[Path], np.ndarray],
+                 done: Callable[[int], Any]):
+        self.spec, self.dtype, self.shape = spec, dtype, spec.hf_shape
+        self._get, self._done = get, done
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        check_interrupted()
+        array = np.ascontiguousarray(self.spec.to_hf(self._get(self.spec.path)))
+        if array.shape != self.shape:
+            raise ValueError(f"{self.spec.hf_name}: exported shape {array.shape} != "
+                             f"{self.shape}")
+        self._done(self.nbytes)
+        return array if dtype is None else array.astype(dtype, copy=False)
