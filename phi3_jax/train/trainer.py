@@ -173,17 +173,19 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out_dir: str
 
         start = int(state.step)
         losses: dict[int, float] = {}
-        tokens_seen, elapsed = 0, 0.0
+        # Throughput (real tokens, data loading and checkpoints included) is counted from the
+        # end of the first step, which includes compilation.
+        tokens_seen, t_first = 0, None
         bar = tqdm(total=config.steps, initial=start, desc="finetune", unit="step",
                    disable=not progress)
         for step_number in range(start + 1, config.steps + 1):
             batch = next(batches)
             real_tokens = int(np.sum(batch["positions"] >= 0))
-            t0 = time.perf_counter()
             state, metrics = train_step(state, frozen, put(batch))
             metrics = jax.device_get(metrics)
-            if step_number > start + 1:  # the first step includes compilation
-                elapsed += time.perf_counter() - t0
+            if t_first is None:
+                t_first = time.perf_counter()
+            else:
                 tokens_seen += real_tokens
             if not metrics["finite"]:
                 bar.close()
@@ -197,7 +199,8 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out_dir: str
                     f"try a lower --lr)")
             loss = float(metrics["loss"])
             losses[step_number] = loss
-            rate = tokens_seen / elapsed if elapsed else 0.0
+            elapsed = time.perf_counter() - t_first
+            rate = tokens_seen / elapsed if tokens_seen else 0.0
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}",
                             lr=f"{float(metrics['learning_rate']):.2e}")
             bar.update(1)
@@ -215,8 +218,8 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out_dir: str
                           None if frozen is None else jax.device_get(frozen), lora)
     write_hf_folder(out_dir, model_config, params, save_dtype, source_dir=model_dir,
                     generation_config=_generation_config(model_dir))
-    return FinetuneResult(out_dir, losses, start, config.steps,
-                          tokens_seen / elapsed if elapsed else 0.0, state, frozen)
+    rate = tokens_seen / (time.perf_counter() - t_first) if tokens_seen else 0.0
+    return FinetuneResult(out_dir, losses, start, config.steps, rate, state, frozen)
 
 
 def _generation_config(model_dir: str) -> dict | None:
