@@ -24,6 +24,8 @@ both in use), and the one private method we rely on is named below.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -112,11 +114,39 @@ class LazyTensor:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
     def materialize(self) -> np.ndarray:
-        array = np.ascontiguousarray(self.produce())
+        array = contiguous(self.produce())
         if array.shape != self.shape or array.dtype != self.dtype:
             raise ValueError(f"produced {array.shape} {array.dtype}, declared {self.shape} "
                              f"{self.dtype}")
         return array
+
+
+def contiguous(x: np.ndarray, tile: int = 1 << 16) -> np.ndarray:
+    """A C-contiguous copy of a transposed view, about twice as fast as np.ascontiguousarray.
+
+    numpy copies in the destination's order, so reading a transposed source misses the cache on
+    every element; copying tile by tile (over the source's fastest axis and the destination's)
+    keeps both sides of a tile in cache.
+    """
+    x = np.asarray(x)
+    if x.flags.c_contiguous:
+        return x
+    out = np.empty(x.shape, x.dtype)
+    strides = [abs(s) if n > 1 else np.inf for s, n in zip(x.strides, x.shape, strict=True)]
+    fast = int(np.argmin(strides))
+    last = x.ndim - 1
+    if fast == last or x.size < tile:
+        out[...] = x
+        return out
+    rest = int(np.prod([n for i, n in enumerate(x.shape) if i not in (fast, last)]))
+    b = max(8, int(np.sqrt(tile / rest)))
+    index = [slice(None)] * x.ndim
+    for i in range(0, x.shape[fast], b):
+        index[fast] = slice(i, i + b)
+        for j in range(0, x.shape[last], b):
+            index[last] = slice(j, j + b)
+            out[tuple(index)] = x[tuple(index)]
+    return out
 
 
 class _Done:
@@ -138,15 +168,22 @@ def _streaming_handler_class() -> type:
 
         async def serialize(self, values, infos, args=None):
             args = args or [ocp.SaveArgs()] * len(values)
-            for i in sorted(range(len(values)), key=lambda i: values[i].order):
-                array = values[i].materialize()
-                # NumpyHandler.serialize would deep-copy every value up front (0.12.4 always
-                # does), which is the whole model; its write coroutine takes them one by one.
-                # Private, but unchanged from 0.12.4 to 0.12.8.
-                await self._background_serialize([array], [infos[i]], [args[i]])
-                del array
-                if values[i].written is not None:
-                    values[i].written()
+            order = sorted(range(len(values)), key=lambda i: values[i].order)
+            # One tensor is built (on a worker thread: numpy copies release the GIL) while the
+            # previous one is compressed and written by TensorStore's threads.
+            with concurrent.futures.ThreadPoolExecutor(1) as worker:
+                pending = worker.submit(values[order[0]].materialize) if order else None
+                for k, i in enumerate(order):
+                    array = await asyncio.wrap_future(pending)
+                    pending = (worker.submit(values[order[k + 1]].materialize)
+                               if k + 1 < len(order) else None)
+                    # NumpyHandler.serialize would deep-copy every value up front (0.12.4
+                    # always does): the whole model. Its write coroutine takes them one by one.
+                    # Private, but the same in 0.12.4 and 0.12.8.
+                    await self._background_serialize([array], [infos[i]], [args[i]])
+                    del array
+                    if values[i].written is not None:
+                        values[i].written()
             return [_Done()]
 
     return StreamingNumpyHandler

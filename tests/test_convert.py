@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import FAMILY, hf_model, make_hf_checkpoint
@@ -169,6 +170,25 @@ def test_sharded_restore(tmp_path):
     # Only the summation order of the split contractions differs: fp32 rounding, O(1) logits.
     np.testing.assert_allclose(np.asarray(model.logits(PROMPT)),
                                np.asarray(unsharded.logits(PROMPT)), rtol=1e-5, atol=1e-5)
+
+
+def test_contiguous_copy_of_layout_views():
+    # The tiled copy behind every transposed parameter, on views big enough to be tiled (the
+    # tiny models above are not), with sizes that no tile divides.
+    rng = np.random.default_rng(0)
+    D, F, K, G, H = 300, 700, 5, 3, 24
+    views = [
+        rng.standard_normal((2 * F, D), np.float32).reshape(2, F, D).transpose(2, 0, 1),
+        rng.standard_normal((D, F), np.float32).T,
+        rng.standard_normal((K, G + 2, H, D), np.float32).transpose(3, 0, 1, 2),
+        rng.standard_normal((D, 2 * F), np.float32).astype(jnp.bfloat16).T,
+    ]
+    for view in views:
+        out = ock.contiguous(view)
+        assert out.flags.c_contiguous and out.dtype == view.dtype
+        np.testing.assert_array_equal(out, np.ascontiguousarray(view))
+    same = np.zeros((4, 4))
+    assert ock.contiguous(same) is same
 
 
 # --- bad input: one clear line, exit code 2, nothing left behind --------------------------------
