@@ -296,6 +296,8 @@ def _prepare(model: Phi3, prompts: Any, *, max_new_tokens: int | None = None,
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
             or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
     sampler = _sampler_from(gen, temperature, top_k, top_p, min_p, repetition_penalty)
     ids = [_encode(model, p, i) for i, p in enumerate(_as_prompt_list(prompts))]
     config = model.config
@@ -421,7 +423,7 @@ def _launch(model: Phi3, request: _Request) -> tuple[SamplingState, Callable, in
     pad_id = jnp.asarray(request.pad_id, jnp.int32)
     state = _prefill(model.graphdef, model.params, _put(tokens, mesh), _put(positions, mesh),
                      _put(limits, mesh), request.sampler, stop_ids, pad_id,
-                     jnp.asarray(request.seed, jnp.uint32), plan=plan)
+                     jnp.asarray(request.seed % 2**32, jnp.uint32), plan=plan)
 
     def decode(state: SamplingState, end_step: int) -> SamplingState:
         return _decode(model.graphdef, model.params, state, request.sampler, stop_ids, pad_id,

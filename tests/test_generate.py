@@ -227,6 +227,7 @@ def test_text_stop_strings_and_streaming(text_model):
     [streamed] = model.generate("the quick brown fox", max_new_tokens=NEW, stream=chunks.append)
     assert streamed == full
     assert "".join(c.text for c in chunks) == full.text
+    assert any(c.text.startswith(" ") for c in chunks[1:])  # a space that starts a piece
     assert sum(len(c.token_ids) for c in chunks) == len(full.token_ids)
     assert chunks[-1].finish_reason == full.finish_reason
     # A stop string from the middle of the text ends the row there, text trimmed before it.
