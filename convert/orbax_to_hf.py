@@ -18,7 +18,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from convert.atomic import atomic_directory, check_destination, check_interrupted
-from convert.hf_to_orbax import SIDE_FILES, copy_tokenizer
+from convert.hf_to_orbax import SIDE_FILES, copy_tokenizer, relayout
 from phi3_jax import orbax_checkpoint as ock
 from phi3_jax.api import abstract_model, resolve_dtype
 from phi3_jax.config import Phi3Config
@@ -106,7 +106,7 @@ class _PendingTensor:
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         check_interrupted()
-        array = np.ascontiguousarray(self.spec.to_hf(self._get(self.spec.path)))
+        array = relayout(self.spec.to_hf, self._get(self.spec.path))
         if array.shape != self.shape:
             raise ValueError(f"{self.spec.hf_name}: exported shape {array.shape} != "
                              f"{self.shape}")

@@ -182,6 +182,7 @@ def test_contiguous_copy_of_layout_views():
         rng.standard_normal((D, F), np.float32).T,
         rng.standard_normal((K, G + 2, H, D), np.float32).transpose(3, 0, 1, 2),
         rng.standard_normal((D, 2 * F), np.float32).astype(jnp.bfloat16).T,
+        rng.standard_normal((D, F), np.float32)[::2, ::3],  # not a transpose: numpy's copy
     ]
     for view in views:
         out = ock.contiguous(view)
