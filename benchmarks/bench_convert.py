@@ -106,8 +106,10 @@ def timed(cmd: list[str]) -> dict:
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", proc.stderr)[1]
     seconds = sum(float(x) * 60**i for i, x in enumerate(reversed(wall.split(":"))))
     inner = re.search(r"in ([\d.]+) s \(", proc.stderr)
+    cpu = sum(float(re.search(rf"{kind} time \(seconds\): ([\d.]+)", proc.stderr)[1])
+              for kind in ("User", "System"))
     return {"peak_rss": rss, "wall_s": seconds, "inner_s": float(inner[1]) if inner else None,
-            "stderr": proc.stderr}
+            "cpu_s": cpu, "load": os.getloadavg()[0]}
 
 
 def spot_check(source: str, converted: str) -> int:
@@ -162,6 +164,7 @@ def main() -> int:
         if free < 1.2 * total:
             raise SystemExit(f"only {free / 1e9:.1f} GB free in {args.dir}")
         evict(source)
+        load_before = os.getloadavg()[0]
         run = timed([sys.executable, "-m", "phi3_jax.cli", "convert", source, converted,
                      "--quiet"])
         checked = spot_check(source, converted)
@@ -174,15 +177,21 @@ def main() -> int:
                 ("peak RSS (convert)", f"{run['peak_rss'] / 1e9:.2f} GB"),
                 ("bound 3 x largest + 1 GiB", f"{bound / 1e9:.2f} GB"),
                 ("wall time (convert)", f"{run['wall_s']:.1f} s"),
+                ("CPU time (user + sys)", f"{run['cpu_s']:.1f} s = "
+                                          f"{run['cpu_s'] / run['wall_s']:.2f} cores busy"),
+                ("load average (1 min)", f"{load_before:.1f} before, {run['load']:.1f} after"),
                 ("throughput (wall)", f"{total / run['wall_s'] / 1e6:.0f} MB/s"),
                 ("throughput (in-process)", f"{total / run['inner_s'] / 1e6:.0f} MB/s"
                  if run["inner_s"] else "n/a"),
+                ("work per CPU-second", f"{total / run['cpu_s'] / 1e6:.0f} MB"),
                 ("Orbax checkpoint size", f"{stored / 1e9:.2f} GB (zstd)")]
         result = {
             "bench": "convert", "layers": args.layers, "source_bytes": total,
             "largest_tensor_bytes": largest, "peak_rss_bytes": run["peak_rss"],
             "rss_bound_bytes": bound, "within_bound": run["peak_rss"] <= bound,
             "wall_s": round(run["wall_s"], 2), "inner_s": run["inner_s"],
+            "cpu_s": round(run["cpu_s"], 1), "loadavg_1m_before": round(load_before, 2),
+            "loadavg_1m_after": round(run["load"], 2),
             "mb_per_s": round(total / run["wall_s"] / 1e6, 1),
             "meets_150mb_s": total / run["wall_s"] / 1e6 >= 150,
             "orbax_bytes": stored, "generate_s": round(generate_s, 1),
@@ -197,6 +206,7 @@ def main() -> int:
                      ("wall time (export)", f"{out['wall_s']:.1f} s "
                                             f"({total / out['wall_s'] / 1e6:.0f} MB/s)")]
             result.update(export_peak_rss_bytes=out["peak_rss"],
+                          export_cpu_s=round(out["cpu_s"], 1),
                           export_wall_s=round(out["wall_s"], 2))
         result.update(cpu=cpu_model(), cores=os.cpu_count(), python=platform.python_version(),
                       orbax_checkpoint=_version("orbax-checkpoint"),
