@@ -10,7 +10,6 @@ tensor, whatever the model's size.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import shutil
 import time
@@ -119,19 +118,9 @@ def _releaser(checkpoint: HFCheckpoint, spec: TensorSpec, bar: tqdm, shape: tupl
     nbytes = int(np.prod(shape)) * dtype.itemsize
 
     def written() -> None:
-        release_pages(checkpoint[spec.hf_name])
+        checkpoint.release(spec.hf_name)
         bar.update(nbytes)
     return written
-
-
-def release_pages(view: np.ndarray) -> None:
-    """Drops the mapped file pages behind a memory-mapped view from this process's resident set
-    (they stay in the page cache; touching them again faults them back in)."""
-    base = view
-    while base is not None and not isinstance(base, mmap.mmap):
-        base = getattr(base, "base", None)
-    if base is not None and hasattr(mmap, "MADV_DONTNEED"):
-        base.madvise(mmap.MADV_DONTNEED)
 
 
 def _copy_side_files(hf_dir: str, out: str, dtype: np.dtype) -> list[str]:

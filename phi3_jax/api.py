@@ -154,8 +154,9 @@ def load(path: str | os.PathLike, dtype: str | jnp.dtype = "float32",
         if shardings is not None:
             target = _lookup(shardings, spec.path)
         arrays[spec.path] = place(array, dtype, target)
+        checkpoint.release(spec.hf_name)
     params = fill_state(abstract, arrays)
-    return Phi3(config, graphdef, params, tokenizer=_maybe_tokenizer(path),
+    return Phi3(config, graphdef, params, tokenizer=load_tokenizer_if_present(path),
                 generation_config=read_generation_config(path), mesh=mesh, path=path)
 
 
@@ -196,11 +197,10 @@ def read_generation_config(path: str) -> dict:
         return json.load(f)
 
 
-def _maybe_tokenizer(path: str) -> Any:
-    try:
-        from phi3_jax.tokenizer import Tokenizer
-    except ImportError:
-        return None
+def load_tokenizer_if_present(path: str) -> Any:
+    """The folder's Tokenizer, or None when it ships no tokenizer files."""
+    from phi3_jax.tokenizer import Tokenizer
+
     try:
         return Tokenizer.from_dir(path)
     except FileNotFoundError:

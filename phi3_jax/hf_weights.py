@@ -144,6 +144,10 @@ class HFCheckpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._file(self.location[name]).shape(name)
 
+    def release(self, name: str) -> None:
+        """Releases the mapped pages of the file holding `name` (see SafetensorsFile.release)."""
+        self._file(self.location[name]).release()
+
     def nbytes(self, name: str) -> int:
         return self._file(self.location[name]).nbytes(name)
 

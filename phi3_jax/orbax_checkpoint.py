@@ -323,5 +323,5 @@ def load(path: str | os.PathLike, dtype: str | Any = "float32",
         targets[p] = (tuple(var.shape), dtype, shardings[p] if shardings else one_device)
     arrays = restore_params(os.path.join(path, PARAMS_DIR), targets)
     params = api.fill_state(abstract, arrays)
-    return api.Phi3(config, graphdef, params, tokenizer=api._maybe_tokenizer(path),
+    return api.Phi3(config, graphdef, params, tokenizer=api.load_tokenizer_if_present(path),
                     generation_config=api.read_generation_config(path), mesh=mesh, path=path)

@@ -11,6 +11,7 @@ backend cannot represent bfloat16, the dtype every Phi checkpoint is stored in.)
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from collections.abc import Iterator, Mapping
@@ -103,6 +104,16 @@ class SafetensorsFile:
     def __getitem__(self, name: str) -> np.ndarray:
         dtype, shape, begin, end = self._entries[name]
         return self._map[begin:end].view(dtype).reshape(shape)
+
+    def release(self) -> None:
+        """Drops the file's mapped pages from this process's resident set. They stay in the page
+        cache (touching them faults them back in), but streaming a model through the map no
+        longer shows its whole size as this process's memory."""
+        base = self._map
+        while base is not None and not isinstance(base, mmap.mmap):
+            base = getattr(base, "base", None)
+        if base is not None and hasattr(mmap, "MADV_DONTNEED"):
+            base.madvise(mmap.MADV_DONTNEED)
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray] | Iterator,
