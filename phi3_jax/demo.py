@@ -1,7 +1,9 @@
-"""`phi3-jax demo`: the main job on an embedded default, with no downloads.
+"""`phi3-jax demo`: the main job on the embedded default model, with no downloads.
 
-Builds a small random Phi-3 checkpoint deterministically, writes it as a Hugging Face folder,
-loads it back through `phi3_jax.load` (the same path a real checkpoint takes) and runs it.
+The embedded model (phi3_jax/embedded) is a small Phi-3 trained with `phi3-jax finetune` to
+solve linear equations; the demo loads it through `phi3_jax.load` (the path a real checkpoint
+takes) and generates answers with `model.generate`, greedy, in the Phi-3 chat format.
+`save_random_checkpoint` writes deterministic random checkpoints for tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 
 import numpy as np
 from flax import nnx
@@ -42,22 +43,26 @@ def save_random_checkpoint(path: str | os.PathLike, config: Phi3Config = DEMO_CO
 
 
 def run(args: argparse.Namespace) -> int:
-    with tempfile.TemporaryDirectory() as tmp:
-        save_random_checkpoint(tmp, seed=args.seed)
-        model = load(tmp)
-        ids = np.random.RandomState(args.seed).randint(0, model.config.vocab_size, (2, 12))
-        logits = np.asarray(model.logits(ids))
-        completions = model.generate(ids, max_new_tokens=args.max_new_tokens)
-    print(f"random Phi-3 ({model.config.num_hidden_layers} layers, d={model.config.hidden_size}):"
-          f" logits {logits.shape}, next tokens {logits[:, -1].argmax(-1).tolist()}")
-    for i, out in enumerate(completions):
-        shown = out.text if out.text is not None else out.token_ids
-        print(f"generated {i} ({len(out.token_ids)} tokens, {out.finish_reason}): {shown}")
+    from phi3_jax.embedded import MODEL_DIR, task
+
+    model = load(MODEL_DIR)
+    # By default, problems the model never saw in training.
+    questions = args.problem or [p.prompt for p in task.held_out_problems(3, seed=args.seed)]
+    outs = model.generate([[{"role": "user", "content": q}] for q in questions],
+                          max_new_tokens=args.max_new_tokens)
+    c = model.config
+    print(f"embedded Phi-3 ({c.num_hidden_layers} layers, d={c.hidden_size}, vocab "
+          f"{c.vocab_size}), trained by `phi3-jax finetune` to solve a*x + b = c:")
+    for question, out in zip(questions, outs, strict=True):
+        print(f"  {question}  ->  {out.text}")
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the embedded default model (no downloads)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--problem", action="append", metavar="TEXT",
+                   help='a question, e.g. "Solve 2x + 3 = 7." (repeatable; default: three '
+                        "held-out problems)")
+    p.add_argument("--seed", type=int, default=0, help="which held-out problems to show")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.set_defaults(func=run)

@@ -187,9 +187,13 @@ def make_train_step(spec: ModelSpec, optimizer: optax.GradientTransformation,
             grads = jax.tree.map(jnp.add, grads, g)
             return (grads, total + loss_sum, count + n), None
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-        (grads, total, count), _ = jax.lax.scan(micro, init, batch)
+        if batch["input_ids"].shape[0] == 1:  # no accumulation: no fp32 gradient buffer
+            (total, count), grads = grad_fn(state.params, frozen,
+                                            jax.tree.map(lambda x: x[0], batch))
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+            (grads, total, count), _ = jax.lax.scan(micro, init, batch)
         denom = jnp.maximum(count, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / denom, grads)
         loss = total / denom
