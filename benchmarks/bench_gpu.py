@@ -1,0 +1,474 @@
+"""GPU inference speed: phi3-jax vs transformers (eager SDPA and static-cache compiled), one run.
+
+Random bf16 weights at Phi-3-mini's shapes are built directly on the device (no checkpoint I/O).
+Each engine runs in its own child process (so its peak memory is its own and JAX's allocator
+pool does not starve torch), one after the other, on the same GPU.
+
+phi3-jax decode uses the generator's real path: the jitted `_prefill` then the jitted
+`_decode` `lax.while_loop`, greedy, stop ids cleared, advanced by a fixed `end_step`. After 2
+warm-up steps (compilation), CHUNKS chunks of STEPS steps are timed (block_until_ready each);
+ms/step is the median chunk over STEPS. Two cache layouts:
+  - "tight": prompt of ctx-64 tokens in a cache of exactly ctx slots (what an engine with
+    cache length = context would read);
+  - "generate": `generate()`'s own bucketing (`_launch`: prompt bucketed to a power of two,
+    cache = next power of two of prompt bucket + max_new_tokens), i.e. what users get today.
+Prefill: `_prefill` of B x T tokens in a cache of T slots (first token chosen), tok/s.
+TTFT: `_launch` (generate's path) for one 2048-token prompt with max_new_tokens 64, until the
+first token is on the device.
+
+transformers: `Phi3ForCausalLM` bf16 on CUDA, SDPA attention, `generate(min_new_tokens=n)`;
+decode ms/step = (t(n) - t(1)) / (n - 1), best of 3. "compiled" = `cache_implementation=
+"static"` (generate then compiles the decode forward with torch.compile, CUDA graphs).
+Prefill: a forward of B x T with logits_to_keep=1.
+
+Hardware fractions: decode against BW_TBS (measured device-to-device copy, read + write) with
+bytes = weights read (all matrices incl. the head; the embedding is a lookup) + the filled
+KV (prompt + generated, K and V, all layers); "impl" bytes count the whole cache the
+implementation reads (S slots). Prefill against PEAK_TFLOPS: 2 * matmul params * tokens +
+causal attention (2 * T^2 * D per layer per row, QK and PV, halved for causality).
+
+    python benchmarks/bench_gpu.py [--out DIR] [--budget 500]     # H100, Phi-3-mini
+    python benchmarks/bench_gpu.py --tiny                         # CPU smoke run, seconds
+
+Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+
+BW_TBS = 2.97  # issue 6: device-to-device copy on the H100, read + write
+PEAK_TFLOPS = 806.0  # issue 6: bf16 8192^3 matmul on the H100
+NEW = 64  # generated tokens budgeted per row (the prompt is ctx - NEW)
+STEPS, CHUNKS = 16, 3
+
+MINI = dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+            num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+            sliding_window=2047, bos_token_id=1, eos_token_id=32000, pad_token_id=32000)
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+# (kind, batch, context): in priority order; a child stops starting cases near its deadline.
+FULL_JAX = [("decode_tight", 1, 1024), ("decode_tight", 16, 1024), ("decode_tight", 64, 1024),
+            ("prefill", 8, 2048), ("ttft", 1, 2048), ("decode_generate", 1, 1024),
+            ("decode_generate", 16, 1024), ("decode_tight", 1, 4096),
+            ("decode_tight", 16, 4096)]
+FULL_HF = [("eager_decode", 1, 1024), ("eager_decode", 16, 1024), ("eager_decode", 64, 1024),
+           ("prefill", 8, 2048), ("ttft", 1, 2048), ("compiled_decode", 1, 1024),
+           ("compiled_decode", 64, 1024), ("compiled_decode", 16, 1024),
+           ("eager_decode", 1, 4096), ("eager_decode", 16, 4096)]
+TINY_JAX = [("decode_tight", 1, 128), ("decode_tight", 4, 128), ("prefill", 2, 32),
+            ("ttft", 1, 32), ("decode_generate", 1, 128)]
+TINY_HF = [("eager_decode", 1, 128), ("prefill", 2, 32)]
+
+
+def counts(raw: dict) -> dict:
+    """Parameter counts and per-token KV bytes (bf16) of a config dict."""
+    D, F, V, L = (raw["hidden_size"], raw["intermediate_size"], raw["vocab_size"],
+                  raw["num_hidden_layers"])
+    N, K = raw["num_attention_heads"], raw["num_key_value_heads"]
+    H = D // N
+    per_layer = D * (N + 2 * K) * H + N * H * D + 3 * D * F
+    matmul = L * per_layer + V * D  # the head; the embedding is a lookup
+    return dict(matmul=matmul, total=matmul + V * D + (2 * L + 1) * D,
+                weight_bytes=2 * (matmul + (2 * L + 1) * D), kv_bytes_per_token=2 * 2 * L * K * H,
+                D=D, L=L)
+
+
+def decode_bytes(c: dict, batch: int, filled: float, slots: int) -> tuple[float, float]:
+    """(minimum bytes per decode step, bytes the implementation reads)."""
+    return (c["weight_bytes"] + batch * filled * c["kv_bytes_per_token"],
+            c["weight_bytes"] + batch * slots * c["kv_bytes_per_token"])
+
+
+def prefill_flops(c: dict, batch: int, T: int) -> float:
+    return batch * (2 * c["matmul"] * T + 2 * c["L"] * T * T * c["D"])
+
+
+def git_head() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True, cwd=ROOT).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def emit(row: dict) -> None:
+    print("CASE " + json.dumps(row), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# phi3-jax
+
+
+def run_jax(raw: dict, cases: list, deadline: float) -> None:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from phi3_jax import generate as gen
+    from phi3_jax.api import Phi3, abstract_model
+    from phi3_jax.config import Phi3Config
+    from phi3_jax.model import Phi3ForCausalLM
+
+    config = Phi3Config(**dict(raw, eos_token_id=(raw["eos_token_id"],)))
+    c = counts(raw)
+    device = jax.devices()[0]
+    t0 = time.perf_counter()
+    graphdef, _ = abstract_model(config, jnp.bfloat16)
+    # Random weights made on the device itself: nothing crosses from the host.
+    params = jax.jit(lambda: nnx.split(
+        Phi3ForCausalLM(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))[1])()
+    jax.block_until_ready(params)
+    emit({"engine": "phi3-jax", "case": "init", "s": time.perf_counter() - t0,
+          "device": device.device_kind, "jax": jax.__version__})
+    model = Phi3(config, graphdef, params, generation_config={})
+    sampler = gen.make_sampler(0.0)
+    stop_ids = jnp.full((8,), -1, jnp.int32)
+    pad_id = jnp.asarray(0, jnp.int32)
+    rs = np.random.RandomState(0)
+
+    def peak_gib() -> float | None:
+        stats = device.memory_stats() or {}
+        return stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None
+
+    def prompts(batch: int, length: int) -> np.ndarray:
+        return rs.randint(3, raw["vocab_size"] - 1, (batch, length)).astype(np.int32)
+
+    def prefill_direct(batch: int, T: int, S: int):
+        tokens = jnp.asarray(prompts(batch, T))
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (batch, T))
+        limits = jnp.full((batch,), T + NEW, jnp.int32)
+        plan = gen._Plan(cache_len=S, always_long=False, reprefill=False)
+        return gen._prefill(graphdef, params, tokens, positions, limits, sampler, stop_ids,
+                            pad_id, jnp.asarray(0, jnp.uint32), plan=plan), plan
+
+    def time_decode(state, decode) -> tuple[float, float, int]:
+        t = time.perf_counter()
+        state = decode(state, 2)  # compiles
+        jax.block_until_ready(state)
+        compile_s = time.perf_counter() - t
+        chunks = []
+        for i in range(CHUNKS):
+            t = time.perf_counter()
+            state = decode(state, 2 + (i + 1) * STEPS)
+            jax.block_until_ready(state)
+            chunks.append((time.perf_counter() - t) / STEPS)
+        steps = int(state.step)
+        assert steps == 2 + CHUNKS * STEPS, f"decode stopped early at step {steps}"
+        return float(np.median(chunks)), compile_s, steps
+
+    for kind, batch, ctx in cases:
+        if time.perf_counter() > deadline:
+            emit({"engine": "phi3-jax", "case": kind, "batch": batch, "ctx": ctx,
+                  "skipped": "time budget"})
+            continue
+        row = {"engine": "phi3-jax", "case": kind, "batch": batch, "ctx": ctx}
+        try:
+            if kind == "decode_tight":
+                P = ctx - NEW
+                t = time.perf_counter()
+                state, plan = prefill_direct(batch, P, ctx)
+                jax.block_until_ready(state)
+                row["prefill_first_s"] = time.perf_counter() - t
+
+                def decode(state, end, plan=plan):
+                    return gen._decode(graphdef, params, state, sampler, stop_ids, pad_id,
+                                       jnp.asarray(end, jnp.int32), plan=plan)
+
+                ms, row["decode_compile_s"], steps = time_decode(state, decode)
+                slots = ctx
+                filled = P + 2 + CHUNKS * STEPS / 2
+            elif kind == "decode_generate":
+                P = ctx - NEW
+                request = gen._prepare(model, prompts(batch, P).tolist(), max_new_tokens=NEW)
+                request.stop_ids[:] = -1
+                t = time.perf_counter()
+                state, decode, Tp, _ = gen._launch(model, request)
+                jax.block_until_ready(state)
+                row["prefill_first_s"] = time.perf_counter() - t
+                slots = state.tokens.shape[1]
+                row["prompt_bucket"] = Tp
+                ms, row["decode_compile_s"], steps = time_decode(state, decode)
+                filled = P + 2 + CHUNKS * STEPS / 2
+            elif kind == "prefill":
+                t = time.perf_counter()
+                state, _ = prefill_direct(batch, ctx, ctx)
+                jax.block_until_ready(state)
+                row["compile_s"] = time.perf_counter() - t
+                times = []
+                for _ in range(3):
+                    t = time.perf_counter()
+                    state, _ = prefill_direct(batch, ctx, ctx)
+                    jax.block_until_ready(state)
+                    times.append(time.perf_counter() - t)
+                s = float(np.median(times))
+                flops = prefill_flops(c, batch, ctx)
+                row.update(ms=1e3 * s, tok_s=batch * ctx / s, tflops=flops / s / 1e12,
+                           frac_peak=flops / s / 1e12 / PEAK_TFLOPS, peak_gib=peak_gib())
+                emit(row)
+                continue
+            elif kind == "ttft":
+                request = gen._prepare(model, prompts(batch, ctx).tolist(), max_new_tokens=NEW)
+                t = time.perf_counter()
+                state, _, _, _ = gen._launch(model, request)
+                jax.block_until_ready(state.tokens)
+                row["compile_s"] = time.perf_counter() - t
+                times = []
+                for _ in range(3):
+                    t = time.perf_counter()
+                    state, _, _, _ = gen._launch(model, request)
+                    jax.block_until_ready(state.tokens)
+                    times.append(time.perf_counter() - t)
+                row.update(ms=1e3 * float(np.median(times)), cache_slots=state.tokens.shape[1],
+                           peak_gib=peak_gib())
+                emit(row)
+                continue
+            else:
+                raise ValueError(kind)
+            need, read = decode_bytes(c, batch, filled, slots)
+            s = ms
+            row.update(ms=1e3 * s, tok_s=batch / s, cache_slots=slots, filled=filled,
+                       min_bytes=need, impl_bytes=read,
+                       frac_bw=need / s / (BW_TBS * 1e12),
+                       frac_bw_impl=read / s / (BW_TBS * 1e12), steps=steps, peak_gib=peak_gib())
+            del state
+        except Exception as e:  # an OOM in one case should not hide the others' numbers
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        emit(row)
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers
+
+
+def run_hf(raw: dict, cases: list, deadline: float, tiny: bool) -> None:
+    import torch
+    import transformers
+
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    torch.manual_seed(0)
+    config = transformers.Phi3Config(**raw, rope_theta=10000.0)
+    t0 = time.perf_counter()
+    with torch.device(dev):
+        model = transformers.Phi3ForCausalLM._from_config(
+            config, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    if cuda:
+        torch.cuda.synchronize()
+    emit({"engine": "transformers", "case": "init", "s": time.perf_counter() - t0,
+          "device": torch.cuda.get_device_name() if cuda else "cpu",
+          "torch": torch.__version__, "transformers": transformers.__version__})
+    rs = np.random.RandomState(0)
+    c = counts(raw)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def peak_gib():
+        return torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+
+    def gen_time(ids, n, **kw) -> float:
+        sync()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                 min_new_tokens=n, do_sample=False, **kw)
+        sync()
+        assert out.shape[1] == ids.shape[1] + n
+        return time.perf_counter() - t
+
+    for kind, batch, ctx in cases:
+        name = "transformers-compiled" if kind.startswith("compiled") else "transformers"
+        if kind.startswith("compiled") and not cuda:
+            continue
+        if time.perf_counter() > deadline:
+            emit({"engine": name, "case": kind, "batch": batch, "ctx": ctx,
+                  "skipped": "time budget"})
+            continue
+        row = {"engine": name, "case": kind, "batch": batch, "ctx": ctx}
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            if kind in ("eager_decode", "compiled_decode"):
+                P = ctx - NEW
+                ids = torch.tensor(rs.randint(3, raw["vocab_size"] - 1, (batch, P)), device=dev)
+                kw = {"cache_implementation": "static"} if kind == "compiled_decode" else {}
+                n = STEPS + 1 if tiny else 33
+                t = time.perf_counter()
+                gen_time(ids, n, **kw)  # warm-up (compiles the compiled variant)
+                row["first_call_s"] = time.perf_counter() - t
+                full = min(gen_time(ids, n, **kw) for _ in range(3))
+                one = min(gen_time(ids, 1, **kw) for _ in range(3))
+                s = (full - one) / (n - 1)
+                filled = P + n / 2
+                need, _ = decode_bytes(c, batch, filled, P + n)
+                row.update(ms=1e3 * s, tok_s=batch / s, filled=filled,
+                           frac_bw=need / s / (BW_TBS * 1e12), peak_gib=peak_gib())
+            elif kind in ("prefill", "ttft"):
+                ids = torch.tensor(rs.randint(3, raw["vocab_size"] - 1, (batch, ctx)),
+                                   device=dev)
+
+                def forward(ids=ids):
+                    sync()
+                    t = time.perf_counter()
+                    with torch.inference_mode():
+                        logits = model(ids, use_cache=False, logits_to_keep=1).logits
+                        logits.argmax(-1)
+                    sync()
+                    return time.perf_counter() - t
+
+                forward()
+                s = min(forward() for _ in range(3))
+                flops = prefill_flops(c, batch, ctx)
+                row.update(ms=1e3 * s, tok_s=batch * ctx / s, tflops=flops / s / 1e12,
+                           frac_peak=flops / s / 1e12 / PEAK_TFLOPS, peak_gib=peak_gib())
+            else:
+                raise ValueError(kind)
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        emit(row)
+
+
+# ---------------------------------------------------------------------------------------------
+# parent: runs the children, prints the table and the JSON line
+
+
+def child(engine: str, args: argparse.Namespace, budget: float, log) -> list[dict]:
+    """Runs one engine in a subprocess; returns its CASE rows (partial ones if it was killed)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--engine", engine, "--budget",
+           str(budget)] + (["--tiny"] if args.tiny else [])
+    rows = []
+    # JAX may take most of the card: torch runs later, in its own process.
+    env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.92")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
+    kill_at = time.perf_counter() + budget + 60  # the last case may overrun its start check
+    for line in proc.stdout:
+        if log:
+            log.write(line)
+            log.flush()
+        if line.startswith("CASE "):
+            rows.append(json.loads(line[5:]))
+            print(line.rstrip(), flush=True)
+        if time.perf_counter() > kill_at:
+            proc.kill()
+            rows.append({"engine": engine, "case": "killed", "error": "over budget"})
+            break
+    proc.wait()
+    if proc.returncode not in (0, None) and not any(r.get("case") == "killed" for r in rows):
+        rows.append({"engine": engine, "case": "exit", "error": f"exit {proc.returncode}"})
+    return rows
+
+
+def fmt(v, spec):
+    return format(v, spec) if isinstance(v, int | float) else "-"
+
+
+def table(rows: list[dict]) -> None:
+    print(f"{'engine':22} {'case':16} {'B':>3} {'ctx':>5} {'ms':>9} {'tok/s':>10} "
+          f"{'limit %':>8} {'impl %':>7} {'compile s':>9} {'peak GiB':>8}")
+    for r in rows:
+        if r.get("case") in ("init", None):
+            continue
+        if "error" in r or "skipped" in r:
+            print(f"{r['engine']:22} {r['case']:16} {r.get('batch', ''):>3} {r.get('ctx', ''):>5}"
+                  f"  {r.get('error') or 'skipped: ' + r['skipped']}")
+            continue
+        frac = r.get("frac_bw", r.get("frac_peak"))
+        comp = r.get("decode_compile_s", r.get("compile_s", r.get("first_call_s")))
+        print(f"{r['engine']:22} {r['case']:16} {r['batch']:>3} {r['ctx']:>5} "
+              f"{fmt(r.get('ms'), '9.2f')} {fmt(r.get('tok_s'), '10,.0f')} "
+              f"{fmt(100 * frac if frac is not None else None, '8.1f')} "
+              f"{fmt(100 * r['frac_bw_impl'] if 'frac_bw_impl' in r else None, '7.1f')} "
+              f"{fmt(comp, '9.1f')} {fmt(r.get('peak_gib'), '8.1f')}")
+
+
+def ratios(rows: list[dict]) -> dict:
+    """phi3-jax decode tok/s over each transformers variant's, matched on (batch, ctx)."""
+    jax_rows = {(r["batch"], r["ctx"]): r for r in rows
+                if r.get("engine") == "phi3-jax" and r.get("case") == "decode_tight"
+                and "tok_s" in r}
+    gen_rows = {(r["batch"], r["ctx"]): r for r in rows
+                if r.get("engine") == "phi3-jax" and r.get("case") == "decode_generate"
+                and "tok_s" in r}
+    out = {}
+    for r in rows:
+        if r.get("case") in ("eager_decode", "compiled_decode") and "tok_s" in r:
+            key = (r["batch"], r["ctx"])
+            for label, src in (("tight", jax_rows), ("generate", gen_rows)):
+                if key in src:
+                    out[f"{label}/{r['case']} B={key[0]} ctx={key[1]}"] = (
+                        src[key]["tok_s"] / r["tok_s"])
+        if r.get("case") in ("prefill", "ttft") and r.get("engine") == "transformers" \
+                and "ms" in r:
+            mine = [j for j in rows if j.get("engine") == "phi3-jax"
+                    and j.get("case") == r["case"] and j.get("batch") == r["batch"] and "ms" in j]
+            if mine:
+                out[f"{r['case']} B={r['batch']} T={r['ctx']} (hf ms / jax ms)"] = (
+                    r["ms"] / mine[0]["ms"])
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tiny", action="store_true", help="small config on the CPU, seconds")
+    p.add_argument("--engine", choices=["all", "jax", "hf"], default="all")
+    p.add_argument("--budget", type=float, default=500.0,
+                   help="seconds for the whole run (split between the engines); cases not "
+                        "started by then are reported as skipped")
+    p.add_argument("--out", default=None, help="folder for the child logs and the JSON")
+    args = p.parse_args()
+    raw = TINY if args.tiny else MINI
+    start = time.perf_counter()
+    if args.engine == "jax":
+        run_jax(raw, TINY_JAX if args.tiny else FULL_JAX, start + args.budget)
+        return 0
+    if args.engine == "hf":
+        run_hf(raw, TINY_HF if args.tiny else FULL_HF, start + args.budget, args.tiny)
+        return 0
+    if args.tiny:  # one process: imports dominate a CPU smoke run
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        import contextlib
+        import io
+
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            run_jax(raw, TINY_JAX, start + args.budget)
+            run_hf(raw, TINY_HF, start + args.budget, True)
+        rows = [json.loads(line[5:]) for line in buf.getvalue().splitlines()
+                if line.startswith("CASE ")]
+    else:
+        out = args.out or os.path.join(ROOT, "benchmarks", ".bench_gpu_out")
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "bench_gpu.log"), "w") as log:
+            rows = child("jax", args, 0.5 * args.budget, log)
+            rows += child("hf", args, args.budget - (time.perf_counter() - start), log)
+    table(rows)
+    result = {"bench": "gpu_inference", "tiny": args.tiny, "commit": git_head(),
+              "bw_tbs": BW_TBS, "peak_tflops": PEAK_TFLOPS, "new": NEW, "steps": STEPS,
+              "chunks": CHUNKS, "counts": counts(raw), "ratios": ratios(rows), "rows": rows,
+              "wall_s": time.perf_counter() - start}
+    line = json.dumps(result)
+    if args.out:
+        with open(os.path.join(args.out, "bench_gpu.json"), "w") as f:
+            f.write(line + "\n")
+    print(line)
+    errors = [r for r in rows if "error" in r]
+    return 1 if args.tiny and errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

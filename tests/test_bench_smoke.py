@@ -1,0 +1,48 @@
+"""Smoke test of benchmarks/bench_gpu.py: its --tiny CPU run completes and reports sane rows,
+and its byte/FLOP accounting matches Phi-3-mini's known parameter count."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_gpu  # noqa: E402
+
+
+def test_counts_match_phi3_mini():
+    c = bench_gpu.counts(bench_gpu.MINI)
+    # microsoft/Phi-3-mini-4k-instruct has 3,821,079,552 parameters (untied head).
+    assert c["total"] == 3_821_079_552
+    # K and V of 32 layers x 3072 wide, bf16: 384 KiB per token.
+    assert c["kv_bytes_per_token"] == 2 * 2 * 32 * 3072
+    # Minimal decode bytes: weights once, plus the filled KV of each row.
+    need, read = bench_gpu.decode_bytes(c, 4, 100.0, 128)
+    assert need == c["weight_bytes"] + 4 * 100 * c["kv_bytes_per_token"]
+    assert read == c["weight_bytes"] + 4 * 128 * c["kv_bytes_per_token"]
+
+
+def test_tiny_run_reports_every_case():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--tiny"],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = [r for r in result["rows"] if r["case"] != "init"]
+    assert not [r for r in rows if "error" in r or "skipped" in r]
+    cases = {(r["engine"], r["case"], r["batch"]) for r in rows}
+    want = {(e, k, b) for k, b, _ in bench_gpu.TINY_JAX for e in ["phi3-jax"]}
+    want |= {("transformers", k, b) for k, b, _ in bench_gpu.TINY_HF}
+    assert cases == want
+    for r in rows:
+        if r["engine"] == "phi3-jax" and r["case"].startswith("decode"):
+            # The while_loop ran every requested step: none stopped early on eos or length.
+            assert r["steps"] == 2 + bench_gpu.CHUNKS * bench_gpu.STEPS
+            assert r["ms"] > 0 and r["impl_bytes"] >= r["min_bytes"]
+    generate = next(r for r in rows if r["case"] == "decode_generate")
+    assert generate["cache_slots"] == 128  # generate()'s bucket for a 64 + 64 token budget
