@@ -57,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="global gradient-norm clip (0: none; default 1.0)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per step (default 8)")
     p.add_argument("--grad-accum", type=int, default=1,
-                   help="micro-batches per step; --batch-size must divide (default 1)")
+                   help="micro-batches per step; must divide --batch-size (default 1)")
     p.add_argument("--seq-len", type=int, default=512,
                    help="tokens per example; shorter ones are padded (default 512)")
     p.add_argument("--overflow", choices=OVERFLOW_POLICIES, default="truncate",

@@ -10,6 +10,7 @@ the last checkpoint on disk is the last good one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -168,8 +169,13 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out_dir: str
         batches = Batches(dataset.examples, config.batch_size, config.seq_len,
                           grad_accum=config.grad_accum, seed=config.seed, position=position)
         train_step = step_lib.make_train_step(spec, optimizer, schedule(optim), state_shardings)
-        put = ((lambda b: jax.device_put(b, step_lib.batch_sharding(mesh))) if mesh is not None
-               else jax.device_put)
+        put = jax.device_put
+        if mesh is not None:
+            # Every process holds the same host batch (the iterator is deterministic) and
+            # builds only its own devices' shards: multi-host safe.
+            target = step_lib.batch_sharding(mesh)
+            put = functools.partial(jax.tree.map, lambda a: jax.make_array_from_callback(
+                a.shape, target, lambda index: a[index]))
 
         start = int(state.step)
         losses: dict[int, float] = {}
@@ -214,10 +220,11 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out_dir: str
     finally:
         checkpointer.close()
 
-    params = final_params(jax.device_get(state.params),
-                          None if frozen is None else jax.device_get(frozen), lora)
-    write_hf_folder(out_dir, model_config, params, save_dtype, source_dir=model_dir,
-                    generation_config=_generation_config(model_dir))
+    host = functools.partial(jax.tree.map, sharding.to_host)  # gathers across processes
+    params = final_params(host(state.params), None if frozen is None else host(frozen), lora)
+    if jax.process_index() == 0:
+        write_hf_folder(out_dir, model_config, params, save_dtype, source_dir=model_dir,
+                        generation_config=_generation_config(model_dir))
     rate = tokens_seen / (time.perf_counter() - t_first) if tokens_seen else 0.0
     return FinetuneResult(out_dir, losses, start, config.steps, rate, state, frozen)
 
