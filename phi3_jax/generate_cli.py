@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from phi3_jax import generate as gen
-from phi3_jax import sharding
+from phi3_jax import jsonl, sharding
 from phi3_jax.api import DTYPES, Phi3, load
 
 CHAT_HELP = "type a message and press Enter; /reset clears the history, /exit (or Ctrl-D) quits"
@@ -99,23 +99,14 @@ def _check_length(model: Phi3, ids: list[int], what: str) -> None:
 
 
 def _read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
-    """(line number, record) for each non-blank line; errors name the line."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no input file at {path}")
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {number}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or ("prompt" in record) == ("messages" in record):
-                raise ValueError(f"{path} line {number}: expected an object with either "
-                                 f"\"prompt\" (a string) or \"messages\" (a chat)")
-            if "prompt" in record and not isinstance(record["prompt"], str):
-                raise ValueError(f"{path} line {number}: \"prompt\" must be a string")
-            yield number, record
+    """(line number, record) for each prompt line; errors name the line."""
+    for number, record in jsonl.read_jsonl(path):
+        if ("prompt" in record) == ("messages" in record):
+            raise ValueError(f"{path} line {number}: expected an object with either "
+                             f"\"prompt\" (a string) or \"messages\" (a chat)")
+        if "prompt" in record and not isinstance(record["prompt"], str):
+            raise ValueError(f"{path} line {number}: \"prompt\" must be a string")
+        yield number, record
 
 
 def _run_batch(model: Phi3, args: argparse.Namespace, records: list[tuple[int, dict]]) -> int:

@@ -120,7 +120,7 @@ def test_batch_jsonl(capsys, tmp_path, model_dir, model):
 
 @pytest.mark.parametrize("content, line, match", [
     ('{"prompt": "ok"}\n{"prompt": "ok"\n', 2, "not valid JSON"),
-    ('{"prompt": "ok"}\n\n[1, 2]\n', 3, "either"),
+    ('{"prompt": "ok"}\n\n[1, 2]\n', 3, "expected a JSON object, got list"),
     ('{"prompt": 5}\n', 1, "must be a string"),
     ('{"messages": [{"role": "user"}]}\n', 1, "content"),
 ])

@@ -17,13 +17,13 @@ integer, saved in checkpoints, so a resumed run sees exactly the batches it woul
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from phi3_jax import jsonl
 from phi3_jax.train.loss import IGNORE
 
 OVERFLOW_POLICIES = ("truncate", "error")
@@ -57,23 +57,8 @@ class Dataset:
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """(line number, record) for every non-blank line; a bad line raises with its number."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no training data at {path}")
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {number}: not valid JSON ({e.msg}, column "
-                                f"{e.colno})") from e
-            if not isinstance(record, dict):
-                raise DataError(f"{path} line {number}: expected a JSON object, got "
-                                f"{type(record).__name__}")
-            yield number, record
+    """(line number, record) for every non-blank line; a bad line raises DataError."""
+    return jsonl.read_jsonl(path, what="training data", error=DataError)
 
 
 def encode_record(record: Mapping[str, Any], tokenizer: Any, vocab_size: int) -> Example:
