@@ -13,13 +13,15 @@ from typing import Any
 from phi3_jax import generate as gen
 from phi3_jax import jsonl, sharding
 from phi3_jax.api import DTYPES, Phi3, load
+from phi3_jax.embedded import MODEL_DIR
 
 CHAT_HELP = "type a message and press Enter; /reset clears the history, /exit (or Ctrl-D) quits"
 
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="DIR",
-                   help="Hugging Face folder or phi3-jax Orbax checkpoint")
+    p.add_argument("--model", default=MODEL_DIR, metavar="DIR",
+                   help="Hugging Face folder or phi3-jax Orbax checkpoint (default: the embedded "
+                        "equation-solving model, see `phi3-jax demo`)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--compilation-cache", metavar="DIR", default=None,
                    help="persist compiled programs in DIR, so later runs skip compiling")
