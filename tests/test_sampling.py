@@ -51,9 +51,12 @@ def _same(ours, theirs):
 @pytest.mark.parametrize("penalty", [1.3, 0.7])
 def test_repetition_penalty(batch, penalty):
     logits, ids, mask, seen = batch
-    ignore = torch.tensor(mask.argmax(1))  # what generate passes: each row's padding length
-    theirs = hf.RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=ignore)(
-        torch.tensor(ids), torch.tensor(logits))
+    # Padding must not count as seen: run the reference on each row's unpadded ids alone (what
+    # transformers >= 5.23's generate does with prompt_ignore_length; older releases lack it).
+    proc = hf.RepetitionPenaltyLogitsProcessor(penalty)
+    pad = mask.argmax(1)
+    theirs = torch.cat([proc(torch.tensor(ids[b:b + 1, pad[b]:]), torch.tensor(logits[b:b + 1]))
+                        for b in range(len(ids))])
     ours = RepetitionPenalty(penalty)(jnp.asarray(logits), jnp.asarray(seen))
     _same(ours, theirs)
     assert not np.allclose(np.asarray(ours), logits)  # the penalty did something
