@@ -79,3 +79,25 @@ def hf_model(path: pathlib.Path):
 
 def read_config(path: pathlib.Path) -> dict:
     return json.loads((path / "config.json").read_text())
+
+
+# A tiny Phi-3-style tokenizer folder (SentencePiece trained on the fly + the Phi-3 special tokens
+# and chat template), shared by the tokenizer and chat tests.
+@pytest.fixture(scope="module")
+def phi3_dir(tmp_path_factory):
+    from tokenizer_fixtures import make_phi3_dir
+
+    return make_phi3_dir(tmp_path_factory.mktemp("phi3"))
+
+
+@pytest.fixture(scope="module")
+def phi3(phi3_dir):
+    from phi3_jax.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(phi3_dir)
+
+
+@pytest.fixture(scope="module")
+def hf_phi3(phi3_dir):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(phi3_dir)

@@ -38,22 +38,6 @@ PHI3_MEDIUM_TEMPLATE = (
 )
 
 
-@pytest.fixture(scope="module")
-def phi3_dir(tmp_path_factory):
-    return make_phi3_dir(tmp_path_factory.mktemp("phi3"))
-
-
-@pytest.fixture(scope="module")
-def phi3(phi3_dir):
-    return Tokenizer.from_dir(phi3_dir)
-
-
-@pytest.fixture(scope="module")
-def hf_phi3(phi3_dir):
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(phi3_dir)
-
-
 @pytest.mark.parametrize("messages", CONVERSATIONS)
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_checkpoint_template_matches_transformers(phi3, hf_phi3, messages, add_generation_prompt):

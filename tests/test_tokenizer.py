@@ -47,22 +47,6 @@ STREAM_TEXTS = [t for t in TEXTS if t] + ["ab" * 50 + " 🙂" * 5 + " café\n" *
 
 
 @pytest.fixture(scope="module")
-def phi3_dir(tmp_path_factory):
-    return make_phi3_dir(tmp_path_factory.mktemp("phi3"))
-
-
-@pytest.fixture(scope="module")
-def phi3(phi3_dir):
-    return Tokenizer.from_dir(phi3_dir)
-
-
-@pytest.fixture(scope="module")
-def hf_phi3(phi3_dir):
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(phi3_dir)
-
-
-@pytest.fixture(scope="module")
 def bpe_dir(tmp_path_factory):
     return make_bpe_dir(tmp_path_factory.mktemp("phi4"))
 

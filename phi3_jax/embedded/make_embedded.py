@@ -26,6 +26,7 @@ import time
 
 import numpy as np
 
+from phi3_jax import chat
 from phi3_jax.config import Phi3Config
 from phi3_jax.embedded import MODEL_DIR, task
 
@@ -39,15 +40,6 @@ ADDED_TOKENS = (
     ("<|placeholder6|>", True), ("<|user|>", True),
 )
 EOT, ASSISTANT, END = SP_VOCAB, SP_VOCAB + 1, SP_VOCAB + 7
-# Phi-3-mini-4k-instruct's template, verbatim.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'system' %}"
-    "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% elif message['role'] == 'assistant' %}"
-    "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
-)
 
 CONFIG = Phi3Config(
     vocab_size=336,  # 320 pieces + 11 added tokens, padded (as Phi-3 pads 32011 to 32064)
@@ -81,7 +73,7 @@ def build_tokenizer(path: str, texts: list[str]) -> None:
     decoder |= {str(SP_VOCAB + i): entry(c, r) for i, (c, r) in enumerate(ADDED_TOKENS)}
     config = {
         "add_bos_token": False, "add_eos_token": False, "added_tokens_decoder": decoder,
-        "bos_token": "<s>", "chat_template": CHAT_TEMPLATE,
+        "bos_token": "<s>", "chat_template": chat.PHI3.template,
         "clean_up_tokenization_spaces": False, "eos_token": "<|endoftext|>", "legacy": False,
         "model_max_length": CONFIG.max_position_embeddings, "pad_token": "<|endoftext|>",
         "padding_side": "left", "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer",
