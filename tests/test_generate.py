@@ -305,3 +305,15 @@ def test_bad_requests(longrope_model):
         model.generate([[1, 2], []], max_new_tokens=2)
     with pytest.raises(ValueError, match="need a tokenizer"):
         model.generate([1, 2], stop="x")
+
+
+def test_bucket_lengths_bound_waste_and_shapes():
+    from phi3_jax.api import bucket_length
+
+    for per_octave, waste in ((1, 2.0), (4, 1.25)):
+        buckets = {bucket_length(n, per_octave=per_octave) for n in range(1, 4097)}
+        for n in range(17, 4097):  # at least n, at most `waste` times n
+            assert n <= bucket_length(n, per_octave=per_octave) <= waste * n
+        # Compiled shapes: `per_octave` per octave above the minimum, 8 octaves from 16 to 4096.
+        assert len(buckets) == 1 + 8 * per_octave
+    assert bucket_length(1088, per_octave=4) == 1280  # a 1k prompt + 64 new tokens
