@@ -71,6 +71,10 @@ FULL_HF = [("eager_decode", 1, 1024), ("eager_decode", 16, 1024), ("eager_decode
 TINY_JAX = [("decode_tight", 1, 128), ("decode_tight", 4, 128), ("prefill", 2, 32),
             ("ttft", 1, 32), ("decode_generate", 1, 128)]
 TINY_HF = [("eager_decode", 1, 128), ("prefill", 2, 32)]
+# --cases prefill: phi3-jax prefill and TTFT only (no transformers child), e.g. to time a change
+# of the attention path; 16x4096 OOMs on the unfused XLA path (fp32 scores), reported as an error.
+PREFILL_JAX = [("prefill", 8, 2048), ("ttft", 1, 2048), ("prefill", 16, 4096)]
+TINY_PREFILL_JAX = [("prefill", 2, 32), ("ttft", 1, 32)]
 
 
 def counts(raw: dict) -> dict:
@@ -349,7 +353,7 @@ def run_hf(raw: dict, cases: list, deadline: float, tiny: bool) -> None:
 def child(engine: str, args: argparse.Namespace, budget: float, log) -> list[dict]:
     """Runs one engine in a subprocess; returns its CASE rows (partial ones if it was killed)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--engine", engine, "--budget",
-           str(budget)] + (["--tiny"] if args.tiny else [])
+           str(budget), "--cases", args.cases] + (["--tiny"] if args.tiny else [])
     rows = []
     # JAX may take most of the card: torch runs later, in its own process.
     env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.92")
@@ -430,14 +434,20 @@ def main() -> int:
                    help="seconds for the whole run (split between the engines); cases not "
                         "started by then are reported as skipped")
     p.add_argument("--out", default=None, help="folder for the child logs and the JSON")
+    p.add_argument("--cases", choices=["all", "prefill"], default="all",
+                   help="prefill: phi3-jax prefill and TTFT cases only (no transformers run)")
     args = p.parse_args()
     raw = TINY if args.tiny else MINI
     start = time.perf_counter()
+    if args.cases == "prefill":
+        jax_cases, hf_cases = (TINY_PREFILL_JAX if args.tiny else PREFILL_JAX), []
+    else:
+        jax_cases, hf_cases = (TINY_JAX, TINY_HF) if args.tiny else (FULL_JAX, FULL_HF)
     if args.engine == "jax":
-        run_jax(raw, TINY_JAX if args.tiny else FULL_JAX, start + args.budget)
+        run_jax(raw, jax_cases, start + args.budget)
         return 0
     if args.engine == "hf":
-        run_hf(raw, TINY_HF if args.tiny else FULL_HF, start + args.budget, args.tiny)
+        run_hf(raw, hf_cases, start + args.budget, args.tiny)
         return 0
     if args.tiny:  # one process: imports dominate a CPU smoke run
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -446,16 +456,19 @@ def main() -> int:
 
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
-            run_jax(raw, TINY_JAX, start + args.budget)
-            run_hf(raw, TINY_HF, start + args.budget, True)
+            run_jax(raw, jax_cases, start + args.budget)
+            if hf_cases:
+                run_hf(raw, hf_cases, start + args.budget, True)
         rows = [json.loads(line[5:]) for line in buf.getvalue().splitlines()
                 if line.startswith("CASE ")]
     else:
         out = args.out or os.path.join(ROOT, "benchmarks", ".bench_gpu_out")
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "bench_gpu.log"), "w") as log:
-            rows = child("jax", args, 0.5 * args.budget, log)
-            rows += child("hf", args, args.budget - (time.perf_counter() - start), log)
+            share = 0.5 if hf_cases else 1.0
+            rows = child("jax", args, share * args.budget, log)
+            if hf_cases:
+                rows += child("hf", args, args.budget - (time.perf_counter() - start), log)
     table(rows)
     result = {"bench": "gpu_inference", "tiny": args.tiny, "commit": git_head(),
               "bw_tbs": BW_TBS, "peak_tflops": PEAK_TFLOPS, "new": NEW, "steps": STEPS,
