@@ -71,8 +71,8 @@ FULL_HF = [("eager_decode", 1, 1024), ("eager_decode", 16, 1024), ("eager_decode
 TINY_JAX = [("decode_tight", 1, 128), ("decode_tight", 4, 128), ("prefill", 2, 32),
             ("ttft", 1, 32), ("decode_generate", 1, 128)]
 TINY_HF = [("eager_decode", 1, 128), ("prefill", 2, 32)]
-# --cases prefill: phi3-jax prefill and TTFT only (no transformers child), e.g. to time a change
-# of the attention path; 16x4096 OOMs on the unfused XLA path (fp32 scores), reported as an error.
+# --cases prefill: phi3-jax prefill and TTFT only (no transformers child), e.g. to time the fused
+# attention path; 16x4096 OOMs on the unfused path (fp32 scores).
 PREFILL_JAX = [("prefill", 8, 2048), ("ttft", 1, 2048), ("prefill", 16, 4096)]
 TINY_PREFILL_JAX = [("prefill", 2, 32), ("ttft", 1, 32)]
 
@@ -123,6 +123,7 @@ def run_jax(raw: dict, cases: list, deadline: float) -> None:
 
     from phi3_jax import generate as gen
     from phi3_jax.api import Phi3, abstract_model
+    from phi3_jax.attention import attention_impl
     from phi3_jax.config import Phi3Config
     from phi3_jax.model import Phi3ForCausalLM
 
@@ -136,7 +137,8 @@ def run_jax(raw: dict, cases: list, deadline: float) -> None:
         Phi3ForCausalLM(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))[1])()
     jax.block_until_ready(params)
     emit({"engine": "phi3-jax", "case": "init", "s": time.perf_counter() - t0,
-          "device": device.device_kind, "jax": jax.__version__})
+          "device": device.device_kind, "jax": jax.__version__,
+          "prefill_attention": attention_impl(jnp.bfloat16)})
     model = Phi3(config, graphdef, params, generation_config={})
     sampler = gen.make_sampler(0.0)
     stop_ids = jnp.full((8,), -1, jnp.int32)

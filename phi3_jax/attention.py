@@ -5,9 +5,17 @@ the slots 0..G-1 are its G query heads, slot G its key and slot G+1 its value. Q
 n = k * G + g, which is the reference's repeat_kv (repeat_interleave) order. One matmul makes
 q, k and v, and sharding the K axis gives every device whole groups (Megatron-style tensor
 parallelism with no resharding between the projection and attention).
+
+Prefill (T > 1) on a GPU with bf16/fp16 activations goes through cuDNN's fused (flash) attention,
+`jax.nn.dot_product_attention(implementation="cudnn")`, which never materialises the [B, N, T, S]
+fp32 scores; decode (T = 1) and every other backend or dtype use the plain XLA path below.
+`attention_impl` makes that choice; the environment variable PHI3_JAX_ATTENTION=xla|cudnn
+overrides the backend check (read when a function is traced, so set it before the first call).
 """
 
 from __future__ import annotations
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +52,51 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
 
 
+ATTENTION_ENV = "PHI3_JAX_ATTENTION"
+FUSED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def attention_impl(dtype: jnp.dtype, backend: str | None = None) -> str:
+    """"cudnn" or "xla": the prefill attention for activations of `dtype` on `backend`.
+
+    Default: "cudnn" on the "gpu" backend (jax.default_backend() when None) for bf16/fp16, else
+    "xla". PHI3_JAX_ATTENTION=xla|cudnn overrides the backend check; fp32 always takes the XLA
+    path, since cuDNN's fused attention has no fp32 kernel (and fp32 is the reference).
+    """
+    choice = os.environ.get(ATTENTION_ENV, "").strip().lower()
+    if choice not in ("", "xla", "cudnn"):
+        raise ValueError(f"{ATTENTION_ENV}={choice!r}: expected 'xla' or 'cudnn'")
+    if jnp.dtype(dtype) not in FUSED_DTYPES or choice == "xla":
+        return "xla"
+    if choice == "cudnn":
+        return "cudnn"
+    return "cudnn" if (backend or jax.default_backend()) == "gpu" else "xla"
+
+
+def fused_mask(mask: jax.Array) -> jax.Array:
+    """attention_mask's [B, T, S] as the [B, 1, T, S] boolean mask the fused kernel takes.
+
+    With left padding and per-row positions the visible set is not causal-by-index with
+    sequence lengths (padding sits at the start of a row), so the whole mask is passed; jax
+    turns it into an additive bias broadcast over the heads.
+    """
+    return mask[:, None]
+
+
+def fused_dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                                implementation: str = "cudnn") -> jax.Array:
+    """dot_product_attention's contract through jax.nn.dot_product_attention.
+
+    q [B, T, K, G, H] becomes [B, T, N, H] with n = k * G + g, the order in which jax (and
+    cuDNN) pair query head n with KV head n // G. Softmax accumulates in fp32 in the kernel.
+    `implementation="xla"` runs the same call without a GPU (the CPU tests).
+    """
+    B, T, K, G, H = q.shape
+    out = jax.nn.dot_product_attention(q.reshape(B, T, K * G, H), k, v, mask=fused_mask(mask),
+                                       scale=H ** -0.5, implementation=implementation)
+    return out.reshape(B, T, K, G, H)
+
+
 class Attention(nnx.Module):
     def __init__(self, config: Phi3Config, dtype: jnp.dtype, rngs: nnx.Rngs):
         D, K, G, H = (config.hidden_size, config.num_key_value_heads, config.group_size,
@@ -76,6 +129,9 @@ class Attention(nnx.Module):
             v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
             kv = (k_cache, v_cache)
             k, v = k_cache, v_cache
-        out = dot_product_attention(q, k, v, mask)  # [B, T, K, G, H]
+        if T > 1 and q.dtype == k.dtype and attention_impl(q.dtype) == "cudnn":
+            out = fused_dot_product_attention(q, k, v, mask)  # [B, T, K, G, H]
+        else:
+            out = dot_product_attention(q, k, v, mask)  # [B, T, K, G, H]
         out = out.reshape(B, T, -1, out.shape[-1])  # [B, T, N, H]
         return self.o_proj(out), kv
