@@ -6,11 +6,13 @@ n = k * G + g, which is the reference's repeat_kv (repeat_interleave) order. One
 q, k and v, and sharding the K axis gives every device whole groups (Megatron-style tensor
 parallelism with no resharding between the projection and attention).
 
-Prefill (T > 1) on a GPU with bf16/fp16 activations goes through cuDNN's fused (flash) attention,
-`jax.nn.dot_product_attention(implementation="cudnn")`, which never materialises the [B, N, T, S]
-fp32 scores; decode (T = 1) and every other backend or dtype use the plain XLA path below.
-`attention_impl` makes that choice; the environment variable PHI3_JAX_ATTENTION=xla|cudnn
-overrides the backend check (read when a function is traced, so set it before the first call).
+Opt-in, not yet verified on a GPU: with PHI3_JAX_ATTENTION=cudnn (read when a function is
+traced, so set it before the first call), prefill (T > 1) with bf16/fp16 activations goes through
+cuDNN's fused (flash) attention, `jax.nn.dot_product_attention(implementation="cudnn")`, which never
+materialises the [B, N, T, S] fp32 scores. Its mask formulation and head pairing are tested on the
+CPU through the same call with implementation="xla"; benchmarks/check_fused_attention.py is the
+one-call GPU check to run before making it the default on GPUs. Decode (T = 1), fp32, and the
+default everywhere use the plain XLA path below.
 """
 
 from __future__ import annotations
@@ -56,21 +58,16 @@ ATTENTION_ENV = "PHI3_JAX_ATTENTION"
 FUSED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def attention_impl(dtype: jnp.dtype, backend: str | None = None) -> str:
-    """"cudnn" or "xla": the prefill attention for activations of `dtype` on `backend`.
+def attention_impl(dtype: jnp.dtype) -> str:
+    """"cudnn" or "xla": the prefill attention for activations of `dtype`.
 
-    Default: "cudnn" on the "gpu" backend (jax.default_backend() when None) for bf16/fp16, else
-    "xla". PHI3_JAX_ATTENTION=xla|cudnn overrides the backend check; fp32 always takes the XLA
-    path, since cuDNN's fused attention has no fp32 kernel (and fp32 is the reference).
+    "xla" unless PHI3_JAX_ATTENTION=cudnn (opt-in until verified on a GPU); fp32 always takes the
+    XLA path, since cuDNN's fused attention has no fp32 kernel (and fp32 is the reference).
     """
     choice = os.environ.get(ATTENTION_ENV, "").strip().lower()
     if choice not in ("", "xla", "cudnn"):
         raise ValueError(f"{ATTENTION_ENV}={choice!r}: expected 'xla' or 'cudnn'")
-    if jnp.dtype(dtype) not in FUSED_DTYPES or choice == "xla":
-        return "xla"
-    if choice == "cudnn":
-        return "cudnn"
-    return "cudnn" if (backend or jax.default_backend()) == "gpu" else "xla"
+    return "cudnn" if choice == "cudnn" and jnp.dtype(dtype) in FUSED_DTYPES else "xla"
 
 
 def fused_mask(mask: jax.Array) -> jax.Array:
