@@ -32,6 +32,7 @@ import tempfile
 import time
 
 import numpy as np
+from machine import cpu_model
 
 MINI = dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_attention_heads=32,
             num_key_value_heads=32, max_position_embeddings=4096, rope_theta=10000.0,
@@ -219,17 +220,6 @@ def main() -> int:
         print(f"{name:<{width}}  {value}")
     print(json.dumps(result))
     return 0 if result["within_bound"] and result["meets_150mb_s"] else 1
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _version(package: str) -> str:

@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import tempfile
 import time
 
 import numpy as np
+from machine import cpu_model
 
 CONFIGS = {
     # Phi-3-mini's shape family (MHA, full rotary), scaled down.
@@ -43,17 +43,6 @@ CONFIGS = {
                                  "short_factor": [1.0] * 24,
                                  "long_factor": [1.0 + 0.5 * i for i in range(24)]}),
 }
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def git_head() -> str:
