@@ -40,6 +40,7 @@ from flax import nnx
 from phi3_jax import sharding
 from phi3_jax.api import bucket_length, check_token_ids
 from phi3_jax.cache import KVCache
+from phi3_jax.config import Phi3Config
 from phi3_jax.sampling import Sampler, make_sampler
 
 if TYPE_CHECKING:
@@ -304,13 +305,8 @@ def _prepare(model: Phi3, prompts: Any, *, max_new_tokens: int | None = None,
     config = model.config
     budgets = []
     for i, row in enumerate(ids):
-        check_token_ids(np.asarray(row), config.vocab_size)
-        room = config.max_position_embeddings - len(row)
-        if room < 1:
-            raise ValueError(
-                f"prompt {i} has {len(row)} tokens, which leaves no room in the model's context "
-                f"of {config.max_position_embeddings} tokens (max_position_embeddings)")
-        budgets.append(min(max_new_tokens, room))
+        check_prompt_fits(config, row, f"prompt {i}")
+        budgets.append(min(max_new_tokens, config.max_position_embeddings - len(row)))
     eos = set(_as_ids(gen.get("eos_token_id"))) | set(config.eos_token_id)
     eos |= set(stop_token_ids or ())
     pad = gen.get("pad_token_id", config.pad_token_id)
@@ -321,6 +317,18 @@ def _prepare(model: Phi3, prompts: Any, *, max_new_tokens: int | None = None,
     stop_ids[:len(eos)] = sorted(eos)
     return _Request(ids, budgets, max_new_tokens, sampler, stop_ids, int(pad), int(seed),
                     rope_policy)
+
+
+def check_prompt_fits(config: Phi3Config, ids: Sequence[int], what: str = "the prompt") -> None:
+    """Raises ValueError unless `ids` is a non-empty prompt of valid token ids that leaves room
+    for at least one new token in the model's context (max_position_embeddings)."""
+    if len(ids) == 0:
+        raise ValueError(f"{what} is empty")
+    check_token_ids(np.asarray(ids), config.vocab_size)
+    if len(ids) >= config.max_position_embeddings:
+        raise ValueError(
+            f"{what} has {len(ids)} tokens, which leaves no room in the model's context of "
+            f"{config.max_position_embeddings} tokens (max_position_embeddings)")
 
 
 def _sampler_from(gen: Mapping[str, Any], temperature, top_k, top_p, min_p,

@@ -84,20 +84,11 @@ def run_generate(args: argparse.Namespace) -> int:
         ids = tokenizer.encode_chat([*messages, {"role": "user", "content": args.prompt}])
     else:
         ids = tokenizer.encode(args.prompt)
-    _check_length(model, ids, "the prompt")
+    gen.check_prompt_fits(model.config, ids)
     [out] = gen.generate(model, [ids], stream=_print_stream if args.stream else None,
                          **_settings(args))
     print("" if args.stream else out.text, flush=True)
     return 0
-
-
-def _check_length(model: Phi3, ids: list[int], what: str) -> None:
-    context = model.config.max_position_embeddings
-    if not ids:
-        raise ValueError(f"{what} is empty")
-    if len(ids) >= context:
-        raise ValueError(f"{what} has {len(ids)} tokens, more than the model's context leaves "
-                         f"room for ({context} tokens, max_position_embeddings)")
 
 
 def _read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
@@ -122,7 +113,7 @@ def _run_batch(model: Phi3, args: argparse.Namespace, records: list[tuple[int, d
         try:
             ids = (tokenizer.encode(record["prompt"]) if "prompt" in record
                    else tokenizer.encode_chat(record["messages"]))
-            _check_length(model, ids, "the prompt")
+            gen.check_prompt_fits(model.config, ids)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{args.input} line {number}: {e}") from None
         prompts.append(ids)
