@@ -150,12 +150,13 @@ def load(path: str | os.PathLike, dtype: str | jnp.dtype = "float32",
         return orbax_checkpoint.load(path, dtype=dtype, mesh=mesh)
     config = Phi3Config.from_hf(path)
     checkpoint = HFCheckpoint(path)
-    checkpoint.check(config)  # every name and shape, before any data is read
+    specs = checkpoint.check(config)  # every name and shape, before any data is read
     mesh = sharding.make_mesh(mesh) if mesh is not None else None
     graphdef, abstract = abstract_model(config, dtype)
     shardings = sharding.param_shardings(abstract, mesh) if mesh is not None else None
     arrays = {}
-    for spec, array in checkpoint.iter_params(config):
+    for spec in specs:
+        array = spec.to_jax(checkpoint[spec.hf_name])
         target = None
         if shardings is not None:
             target = _lookup(shardings, spec.path)

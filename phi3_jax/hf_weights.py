@@ -177,10 +177,6 @@ class HFCheckpoint:
                                   f"Phi3ForCausalLM with this config.json")
         return specs
 
-    def iter_params(self, config: Phi3Config) -> Iterator[tuple[TensorSpec, np.ndarray]]:
-        """(spec, array in our layout) per tensor, read lazily from the memory maps."""
-        for spec in self.check(config):
-            yield spec, spec.to_jax(self[spec.hf_name])
 
 
 def parse_size(size: str | int) -> int:

@@ -18,8 +18,9 @@ what an np.ndarray leaf produces), waits for the write and drops the array befor
 Loading restores every array straight into its target sharding and dtype: each device reads only
 the chunks of its own slice; nothing is assembled on one device first.
 
-Every orbax call lives in this module: its API moves between releases (0.12.4 and 0.12.8 are
-both in use), and the one private method we rely on is named below.
+Every orbax call for model checkpoints lives in this module: its API moves between releases
+(0.12.4 and 0.12.8 are both in use), and the one private method we rely on is named below.
+(Training-state checkpoints use orbax's stable CheckpointManager in phi3_jax/train/checkpoint.py.)
 """
 
 from __future__ import annotations
