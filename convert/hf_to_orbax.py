@@ -142,10 +142,7 @@ def copy_tokenizer(src: str, dst: str) -> list[str]:
     """The tokenizer files `src` has, copied into `dst` (none if it ships no tokenizer)."""
     from phi3_jax.tokenizer import copy_tokenizer_files
 
-    if not any(os.path.isfile(os.path.join(src, n)) for n in ("tokenizer.model",
-                                                                "tokenizer.json")):
-        return []
-    return sorted(os.path.basename(p) for p in copy_tokenizer_files(src, dst))
+    return sorted(p.name for p in copy_tokenizer_files(src, dst, missing_ok=True))
 
 
 def _dtype_name(dtype: Any) -> str:

@@ -365,10 +365,16 @@ class StreamDecoder:
         return after[len(before) :]
 
 
-def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[Path]:
-    """Copies those TOKENIZER_FILES that `src` has into `dst` (created if needed); returns them."""
+def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike, *,
+                         missing_ok: bool = False) -> list[Path]:
+    """Copies those TOKENIZER_FILES that `src` has into `dst` (created if needed); returns them.
+
+    A `src` with neither tokenizer.model nor tokenizer.json raises FileNotFoundError, or with
+    `missing_ok` copies nothing (a checkpoint may ship without a tokenizer)."""
     src, dst = Path(src), Path(dst)
     if not (src / "tokenizer.model").is_file() and not (src / "tokenizer.json").is_file():
+        if missing_ok:
+            return []
         raise FileNotFoundError(f"{src} has neither tokenizer.model nor tokenizer.json")
     dst.mkdir(parents=True, exist_ok=True)
     return [

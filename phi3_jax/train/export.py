@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from typing import Any
 
@@ -14,6 +13,7 @@ import numpy as np
 from phi3_jax.api import resolve_dtype
 from phi3_jax.config import Phi3Config
 from phi3_jax.hf_weights import tensor_specs, write_hf_tensors
+from phi3_jax.tokenizer import copy_tokenizer_files
 from phi3_jax.train.lora import LoRAConfig, merge_lora
 
 
@@ -32,8 +32,6 @@ def write_hf_folder(out_dir: str | os.PathLike, config: Phi3Config, params: dict
     The files are written into a temporary folder inside `out_dir` and moved into place one by
     one, config.json last: a folder with a config.json is complete.
     """
-    import ml_dtypes  # noqa: F401  (bf16 numpy dtype for safetensors)
-
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     np_dtype = np.dtype(resolve_dtype(dtype))
@@ -47,11 +45,7 @@ def write_hf_folder(out_dir: str | os.PathLike, config: Phi3Config, params: dict
                             np.ascontiguousarray(spec.to_hf(np.asarray(array).astype(np_dtype)))))
         write_hf_tensors(tmp, tensors)
         if source_dir is not None:
-            from phi3_jax.tokenizer import TOKENIZER_FILES
-
-            for name in TOKENIZER_FILES:
-                if os.path.isfile(os.path.join(source_dir, name)):
-                    shutil.copy2(os.path.join(source_dir, name), os.path.join(tmp, name))
+            copy_tokenizer_files(source_dir, tmp, missing_ok=True)
         if generation_config:
             _write_json(os.path.join(tmp, "generation_config.json"), generation_config)
         hf_config: dict[str, Any] = config.to_hf()
