@@ -9,37 +9,20 @@ takes) and generates answers with `model.generate`, greedy, in the Phi-3 chat fo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
-import numpy as np
 from flax import nnx
 
 from phi3_jax.api import load
 from phi3_jax.config import Phi3Config
-from phi3_jax.hf_weights import tensor_specs, write_hf_tensors
+from phi3_jax.hf_weights import write_hf_folder
 from phi3_jax.model import Phi3ForCausalLM
 
-DEMO_CONFIG = Phi3Config(
-    vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-    sliding_window=255, eos_token_id=(2,),
-)
 
-
-def save_random_checkpoint(path: str | os.PathLike, config: Phi3Config = DEMO_CONFIG,
-                           seed: int = 0) -> str:
+def save_random_checkpoint(path: str | os.PathLike, config: Phi3Config, seed: int = 0) -> str:
     """Writes a deterministic random checkpoint for `config` as a Hugging Face folder."""
-    path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
     _, params = nnx.split(Phi3ForCausalLM(config, rngs=nnx.Rngs(seed)))
-    flat = dict(nnx.to_flat_state(params))
-    tensors = [(s.hf_name, s.to_hf(np.asarray(flat[s.path].get_value())))
-               for s in tensor_specs(config)]
-    write_hf_tensors(path, tensors)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config.to_hf(), f, indent=2)
-    return path
+    return write_hf_folder(path, config, nnx.to_pure_dict(params))
 
 
 def run(args: argparse.Namespace) -> int:

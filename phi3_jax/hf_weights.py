@@ -13,7 +13,9 @@ import dataclasses
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -241,3 +243,46 @@ def write_hf_tensors(out_dir: str | os.PathLike,
     with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     return [*files, INDEX_FILE]
+
+
+def write_hf_folder(out_dir: str | os.PathLike, config: Phi3Config, params: dict,
+                    dtype: str = "float32", source_dir: str | os.PathLike | None = None,
+                    generation_config: dict | None = None) -> str:
+    """Writes `params` (nested dicts by parameter path, our layout) as a Hugging Face folder:
+    config.json, safetensors, and the tokenizer files of `source_dir` and generation_config.json
+    when given.
+
+    The files are written into a temporary folder inside `out_dir` and moved into place one by
+    one, config.json last: a folder with a config.json is complete.
+    """
+    from phi3_jax.api import resolve_dtype  # api imports this module
+    from phi3_jax.tokenizer import copy_tokenizer_files
+
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    np_dtype = np.dtype(resolve_dtype(dtype))
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
+        tensors = []
+        for spec in tensor_specs(config):
+            array = params
+            for key in spec.path:
+                array = array[key]
+            tensors.append((spec.hf_name,
+                            np.ascontiguousarray(spec.to_hf(np.asarray(array).astype(np_dtype)))))
+        write_hf_tensors(tmp, tensors)
+        if source_dir is not None:
+            copy_tokenizer_files(source_dir, tmp, missing_ok=True)
+        if generation_config:
+            _write_json(os.path.join(tmp, "generation_config.json"), generation_config)
+        hf_config: dict[str, Any] = config.to_hf()
+        hf_config["torch_dtype"] = str(np_dtype) if dtype != "bfloat16" else "bfloat16"
+        _write_json(os.path.join(tmp, "config.json"), hf_config)
+        names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
+        for name in names:
+            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    return out_dir
+
+
+def _write_json(path: str, value: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, indent=2)

@@ -24,10 +24,11 @@ from tqdm.auto import tqdm
 
 from phi3_jax import sharding
 from phi3_jax.api import load, resolve_dtype
+from phi3_jax.hf_weights import write_hf_folder
 from phi3_jax.train import step as step_lib
 from phi3_jax.train.checkpoint import Checkpointer, abstract_like
 from phi3_jax.train.data import Batches, Dataset, load_dataset
-from phi3_jax.train.export import final_params, write_hf_folder
+from phi3_jax.train.export import final_params
 from phi3_jax.train.lora import TARGETS, LoRAConfig
 from phi3_jax.train.optim import OptimConfig, make_optimizer, schedule
 
