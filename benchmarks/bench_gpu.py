@@ -123,7 +123,7 @@ def run_jax(raw: dict, cases: list, deadline: float) -> None:
 
     from phi3_jax import generate as gen
     from phi3_jax.api import Phi3, abstract_model
-    from phi3_jax.attention import attention_impl
+    from phi3_jax.attention import decode_impl, prefill_impl
     from phi3_jax.config import Phi3Config
     from phi3_jax.model import Phi3ForCausalLM
 
@@ -138,7 +138,7 @@ def run_jax(raw: dict, cases: list, deadline: float) -> None:
     jax.block_until_ready(params)
     emit({"engine": "phi3-jax", "case": "init", "s": time.perf_counter() - t0,
           "device": device.device_kind, "jax": jax.__version__,
-          "prefill_attention": attention_impl(jnp.bfloat16)})
+          "prefill_attention": prefill_impl(jnp.bfloat16), "decode_attention": decode_impl()})
     model = Phi3(config, graphdef, params, generation_config={})
     sampler = gen.make_sampler(0.0)
     stop_ids = jnp.full((8,), -1, jnp.int32)

@@ -6,18 +6,36 @@ n = k * G + g, which is the reference's repeat_kv (repeat_interleave) order. One
 q, k and v, and sharding the K axis gives every device whole groups (Megatron-style tensor
 parallelism with no resharding between the projection and attention).
 
-Opt-in, not yet verified on a GPU: with PHI3_JAX_ATTENTION=cudnn (read when a function is
-traced, so set it before the first call), prefill (T > 1) with bf16/fp16 activations goes through
-cuDNN's fused (flash) attention, `jax.nn.dot_product_attention(implementation="cudnn")`, which never
-materialises the [B, N, T, S] fp32 scores. Its mask formulation and head pairing are tested on the
-CPU through the same call with implementation="xla"; benchmarks/check_fused_attention.py is the
-one-call GPU check to run before making it the default on GPUs. Decode (T = 1), fp32, and the
-default everywhere use the plain XLA path below.
+Three attention computations, one contract (mask semantics of `attention_mask`):
+- `dot_product_attention`: the plain XLA reference (fp32 scores and softmax), used for every
+  call on CPU and TPU, for fp32, and wherever no faster path applies.
+- `causal_attention`: the prompt prefill of right-padded rows (row b's tokens at slots
+  0..len_b-1) through `jax.nn.dot_product_attention` with is_causal, sequence lengths and the
+  window. On GPUs with bf16/fp16 this is cuDNN's fused (flash) attention, which never
+  materialises the [B, N, T, S] scores and skips the blocks above the diagonal.
+- `decode_attention`: one new token per row (T = 1) as two matmuls over the whole cache. XLA
+  lowers the einsum form of a one-query attention to reductions over 96-element rows (11.5 us
+  per layer for the 6 MB of keys at batch 1, 1k context on an H100, 18% of bandwidth); here the
+  queries become a block-diagonal [K*H, N] matrix, so the keys are read by one plain matmul
+  (5.9 us). Measured per decode step: 4.33 vs about 5.0 ms at batch 1, 14.5 vs 16.0 ms at
+  batch 64. It spends K times the minimal FLOPs, which tensor cores absorb and a CPU would not.
+
+The prefill uses cuDNN only up to CUDNN_PREFILL_MAX_TOKENS (B*T): on the H100 the generator's
+prefill ran at 8 x 2048 tokens but ran out of memory at 64 x 960 and 16 x 4096 with cuDNN,
+where the XLA path had fit. Not yet diagnosed (benchmarks/RESULTS.md); past the bound the XLA
+path is used.
+
+PHI3_JAX_ATTENTION selects: "auto" (default: the fast paths on GPU, XLA elsewhere), "xla"
+(the reference everywhere) or "fast" (the fast paths on any backend; cuDNN needs a GPU). It
+is read when a function is traced, so set it before the first call.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +44,13 @@ from flax import nnx
 from phi3_jax.config import Phi3Config
 from phi3_jax.params import Einsum
 from phi3_jax.rope import apply_rotary
+
+ATTENTION_ENV = "PHI3_JAX_ATTENTION"
+CUDNN_PREFILL_MAX_TOKENS = 16384  # the largest prefill measured to run with cuDNN (8 x 2048)
+FUSED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# Set by the generator while it traces a decode step whose KV heads are split over a mesh axis:
+# the block-diagonal decode matmul would contract over the split axis (an all-reduce per layer).
+_heads_split = contextvars.ContextVar("phi3_jax_heads_split", default=False)
 
 
 def attention_mask(q_pos: jax.Array, k_pos: jax.Array, sliding_window: int | None) -> jax.Array:
@@ -54,44 +79,82 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
 
 
-ATTENTION_ENV = "PHI3_JAX_ATTENTION"
-FUSED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
+                     sliding_window: int | None, implementation: str = "cudnn") -> jax.Array:
+    """Prefill attention of right-padded rows: q [B, T, K, G, H], k and v [B, T, K, H], row b
+    holding positions 0..lengths[b]-1 at its first slots. Same visible set as attention_mask;
+    the outputs of padding queries are zero.
 
-
-def attention_impl(dtype: jnp.dtype) -> str:
-    """"cudnn" or "xla": the prefill attention for activations of `dtype`.
-
-    "xla" unless PHI3_JAX_ATTENTION=cudnn (opt-in until verified on a GPU); fp32 always takes the
-    XLA path, since cuDNN's fused attention has no fp32 kernel (and fp32 is the reference).
-    """
-    choice = os.environ.get(ATTENTION_ENV, "").strip().lower()
-    if choice not in ("", "xla", "cudnn"):
-        raise ValueError(f"{ATTENTION_ENV}={choice!r}: expected 'xla' or 'cudnn'")
-    return "cudnn" if choice == "cudnn" and jnp.dtype(dtype) in FUSED_DTYPES else "xla"
-
-
-def fused_mask(mask: jax.Array) -> jax.Array:
-    """attention_mask's [B, T, S] as the [B, 1, T, S] boolean mask the fused kernel takes.
-
-    With left padding and per-row positions the visible set is not causal-by-index with
-    sequence lengths (padding sits at the start of a row), so the whole mask is passed; jax
-    turns it into an additive bias broadcast over the heads.
-    """
-    return mask[:, None]
-
-
-def fused_dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                                implementation: str = "cudnn") -> jax.Array:
-    """dot_product_attention's contract through jax.nn.dot_product_attention.
-
-    q [B, T, K, G, H] becomes [B, T, N, H] with n = k * G + g, the order in which jax (and
-    cuDNN) pair query head n with KV head n // G. Softmax accumulates in fp32 in the kernel.
-    `implementation="xla"` runs the same call without a GPU (the CPU tests).
+    q becomes [B, T, N, H] with n = k * G + g, the order in which jax (and cuDNN) pair query head
+    n with KV head n // G. Softmax accumulates in fp32 in the kernel. implementation="xla" runs
+    the same call without a GPU (the CPU tests).
     """
     B, T, K, G, H = q.shape
-    out = jax.nn.dot_product_attention(q.reshape(B, T, K * G, H), k, v, mask=fused_mask(mask),
-                                       scale=H ** -0.5, implementation=implementation)
-    return out.reshape(B, T, K, G, H)
+    window = None if sliding_window is None or sliding_window >= T else (sliding_window - 1, 0)
+    out = jax.nn.dot_product_attention(
+        q.reshape(B, T, K * G, H), k, v, scale=H ** -0.5, is_causal=True,
+        query_seq_lengths=lengths, key_value_seq_lengths=lengths, local_window_size=window,
+        implementation=implementation)
+    valid = jnp.arange(T)[None, :] < lengths[:, None]  # [B, T]
+    # Kernels leave padding queries unspecified (cuDNN may write anything there); zero them, so
+    # padding rows stay finite through the layers and in the cache.
+    return jnp.where(valid[:, :, None, None], out, 0).reshape(B, T, K, G, H)
+
+
+def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """dot_product_attention for T = 1 as two matmuls: q [B, 1, K, G, H], k and v [B, S, K, H],
+    mask [B, 1, S] -> [B, 1, K, G, H]. Same fp32 islands and roundings as the reference.
+
+    Query head n = j * G + g is the column n of a block-diagonal [K*H, N] matrix holding
+    q[j, g] in rows j*H .. j*H+H-1 and zeros elsewhere, so scores [B, N, S] = Q^T [S, K*H]^T is
+    one matmul reading each cached key once; probs @ V [S, K*H] gives every head against every
+    KV head, of which the diagonal blocks are the output. Exact: the zeros add nothing.
+    """
+    B, _, K, G, H = q.shape
+    S = k.shape[1]
+    eye = jnp.eye(K, dtype=q.dtype)
+    blocks = jnp.einsum("BJGH,KJ->BKHJG", q[:, 0], eye).reshape(B, K * H, K * G)
+    scores = jnp.einsum("BEN,BSE->BNS", blocks, k.reshape(B, S, K * H),
+                        preferred_element_type=jnp.float32) * H ** -0.5
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)  # mask [B, 1, S]
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, N, S]
+    every = jnp.einsum("BNS,BSE->BNE", probs, v.reshape(B, S, K * H),
+                       preferred_element_type=jnp.float32).reshape(B, K, G, K, H)
+    out = jnp.diagonal(every, axis1=1, axis2=3)  # [B, G, H, K]
+    return jnp.transpose(out, (0, 3, 1, 2)).astype(v.dtype)[:, None]
+
+
+def _choice() -> str:
+    choice = os.environ.get(ATTENTION_ENV, "").strip().lower() or "auto"
+    if choice not in ("auto", "xla", "fast"):
+        raise ValueError(f"{ATTENTION_ENV}={choice!r}: expected 'auto', 'xla' or 'fast'")
+    if choice == "auto":
+        return "fast" if jax.default_backend() == "gpu" else "xla"
+    return choice
+
+
+def prefill_impl(dtype: jnp.dtype, tokens: int = 0) -> str:
+    """"cudnn" or "xla": the attention of a prompt prefill of `tokens` (B*T) activations of
+    `dtype`. fp32 always takes the XLA path: cuDNN's fused attention has no fp32 kernel (and
+    fp32 is the reference). See CUDNN_PREFILL_MAX_TOKENS for the size bound."""
+    fast = _choice() == "fast" and jnp.dtype(dtype) in FUSED_DTYPES
+    return "cudnn" if fast and tokens <= CUDNN_PREFILL_MAX_TOKENS else "xla"
+
+
+def decode_impl() -> str:
+    """"matmul" (decode_attention) or "einsum" (dot_product_attention) for one-token steps."""
+    return "matmul" if _choice() == "fast" and not _heads_split.get() else "einsum"
+
+
+@contextlib.contextmanager
+def heads_split(split: bool) -> Iterator[None]:
+    """While tracing under this context with split=True, decode keeps the einsum form, which
+    XLA partitions over the KV heads without communication."""
+    token = _heads_split.set(split)
+    try:
+        yield
+    finally:
+        _heads_split.reset(token)
 
 
 class Attention(nnx.Module):
@@ -103,15 +166,19 @@ class Attention(nnx.Module):
                                ("embed", "kv_heads", None, "head_dim"), dtype, rngs)
         self.o_proj = Einsum("BTNH,NHD->BTD", (N, H, D), ("heads", "head_dim", "embed"), dtype,
                              rngs)
+        self.sliding_window = config.sliding_window
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
                  kv: tuple[jax.Array, jax.Array] | None = None,
-                 index: jax.Array | None = None,
+                 index: jax.Array | None = None, lengths: jax.Array | None = None,
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """x [B, T, D]; cos/sin [B, T, d]; mask [B, T, S].
 
         Without a cache S = T. With one, the new keys and values are written at slots
-        index .. index + T - 1 of kv ([B, S, K, H] each) and attention reads all S slots.
+        index .. index + T - 1 of kv ([B, S, K, H] each) and attention reads all S slots, except
+        for a prompt prefill (`lengths` [B] given): the cache is empty and the rows are
+        right-padded (row b's tokens at its first lengths[b] slots), so attention reads only the
+        T new keys (mask [B, T, T]) and the causal kernel applies.
         """
         B, T, _ = x.shape
         qkv = self.qkv_proj(x)  # [B, T, K, G + 2, H]
@@ -119,16 +186,26 @@ class Attention(nnx.Module):
         q = apply_rotary(qkv[:, :, :, :G], cos, sin)  # [B, T, K, G, H]
         k = apply_rotary(qkv[:, :, :, G], cos, sin)  # [B, T, K, H]
         v = qkv[:, :, :, G + 1]  # [B, T, K, H]
+        if lengths is not None:
+            if prefill_impl(q.dtype, B * T) == "cudnn":
+                out = causal_attention(q, k, v, lengths, self.sliding_window)
+            else:
+                out = dot_product_attention(q, k, v, mask)
+            # Padding slots hold zeros: never NaN, whatever a kernel left in padding rows.
+            valid = (jnp.arange(T)[None, :] < lengths[:, None])[:, :, None, None]
+            k, v = jnp.where(valid, k, 0), jnp.where(valid, v, 0)
         if kv is not None:
             k_cache, v_cache = kv
             start = (0, index, 0, 0)
             k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
             v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
             kv = (k_cache, v_cache)
-            k, v = k_cache, v_cache
-        if T > 1 and q.dtype == k.dtype and attention_impl(q.dtype) == "cudnn":
-            out = fused_dot_product_attention(q, k, v, mask)  # [B, T, K, G, H]
-        else:
-            out = dot_product_attention(q, k, v, mask)  # [B, T, K, G, H]
+            if lengths is None:
+                k, v = k_cache, v_cache
+        if lengths is None:
+            if T == 1 and kv is not None and decode_impl() == "matmul":
+                out = decode_attention(q, k, v, mask)
+            else:
+                out = dot_product_attention(q, k, v, mask)  # [B, T, K, G, H]
         out = out.reshape(B, T, -1, out.shape[-1])  # [B, T, N, H]
         return self.o_proj(out), kv

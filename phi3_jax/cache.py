@@ -1,7 +1,7 @@
 """The KV cache: a pytree of static-shape arrays, written in place (donate it to the jitted step).
 
-Slots are shared by the batch: the prompt of every row is left-padded to one length, so the
-next token of every row is written to the same slot `index`. `positions` records each slot's
+Slots are shared by the batch: prompts are padded to one length, so the next token of every row
+is written to the same slot `index`. `positions` records each slot's
 token position per row (-1 for padding and empty slots); attention masks are derived from it,
 which keeps padding, causality and the sliding window in one place (phi3_jax.attention).
 """

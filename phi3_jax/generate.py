@@ -1,8 +1,10 @@
 """Batched generation with a static-shape KV cache: a jitted prefill, then a jitted decode loop.
 
-Layout. Prompts are left-padded to a common bucketed length Tp, so every row writes its next
-token to the same cache slot; each row keeps its own positions (padding is -1), which is all
-the attention mask and RoPE need. Slot Tp + i holds the i-th generated token of every row.
+Layout. Prompts are right-padded to a common bucketed length Tp (row b's tokens at slots
+0..len_b-1), which lets the prefill use a causal kernel with per-row lengths (cuDNN's fused
+attention on GPUs). Generated tokens go to shared slots: slot Tp + i holds the i-th generated
+token of every row, so short rows leave empty slots (position -1) between prompt and output.
+Each row keeps its own positions, which is all the attention mask and RoPE need.
 
 Compilation. Batch size, prompt length and cache length are rounded up to powers of two, the
 model's graphdef is static and the parameters, cache and sampler numbers are traced, so a new
@@ -37,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from phi3_jax import sharding
+from phi3_jax import attention, sharding
 from phi3_jax.api import bucket_length, check_token_ids
 from phi3_jax.cache import KVCache
 from phi3_jax.config import Phi3Config
@@ -79,7 +81,7 @@ class SamplingState:
     """Everything the decode loop carries; donated into each jitted call."""
 
     cache: KVCache
-    tokens: jax.Array  # [B, S] int32: left-padded prompts, then generated tokens, per slot
+    tokens: jax.Array  # [B, S] int32: right-padded prompts, then generated tokens, per slot
     lengths: jax.Array  # [B] int32: real tokens so far (prompt + generated)
     limits: jax.Array  # [B] int32: the length at which a row stops (prompt + its budget)
     seen: jax.Array  # [B, V] bool: tokens present in the row (repetition penalty)
@@ -134,7 +136,7 @@ def _record(state: SamplingState, sampler: Sampler, stop_ids: jax.Array, pad_id:
 def _prefill(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, positions: jax.Array,
              limits: jax.Array, sampler: Sampler, stop_ids: jax.Array, pad_id: jax.Array,
              seed: jax.Array, plan: _Plan) -> SamplingState:
-    """Runs the left-padded prompts tokens/positions [B, Tp] and picks the first new token."""
+    """Runs the right-padded prompts tokens/positions [B, Tp] and picks the first new token."""
     model = nnx.merge(graphdef, params)
     config = model.config
     B, Tp = tokens.shape
@@ -143,11 +145,12 @@ def _prefill(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, posit
     if plan.mesh is not None:  # batch over `data`, KV heads over `model`, like the weights
         cache = jax.lax.with_sharding_constraint(cache, sharding.cache_shardings(cache, plan.mesh))
     use_long = jnp.ones((B,), bool) if plan.always_long else None
-    x, cache = model.hidden_states(tokens, positions, cache, use_long)  # [B, Tp, D]
-    # Left padding puts every row's last prompt token in the last slot.
-    logits = model.head.attend(x[:, -1:])[:, 0]  # [B, V]
     real = positions >= 0  # [B, Tp]
     lengths = jnp.sum(real, axis=1, dtype=jnp.int32)
+    x, cache = model.hidden_states(tokens, positions, cache, use_long,
+                                   prefill_lengths=lengths)  # [B, Tp, D]
+    last = jnp.maximum(lengths - 1, 0)[:, None, None]  # each row's last prompt token
+    logits = model.head.attend(jnp.take_along_axis(x, last, axis=1))[:, 0]  # [B, V]
     V = config.vocab_size
     rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, Tp))
     seen = jnp.zeros((B, V), bool).at[rows, jnp.where(real, tokens, V)].set(True, mode="drop")
@@ -207,6 +210,7 @@ def _decode(graphdef: nnx.GraphDef, params: nnx.State, state: SamplingState, sam
     """Decodes until every row is done or `end_step` tokens have been generated."""
     model = nnx.merge(graphdef, params)
     S = state.tokens.shape[1]
+    split = plan.mesh is not None and sharding.heads_split(model.config, plan.mesh)
 
     def running(state: SamplingState) -> jax.Array:
         return ~jnp.all(state.done) & (state.step < end_step) & (state.cache.index + 1 < S)
@@ -214,7 +218,8 @@ def _decode(graphdef: nnx.GraphDef, params: nnx.State, state: SamplingState, sam
     def body(state: SamplingState) -> SamplingState:
         return _decode_step(model, state, sampler, stop_ids, pad_id, plan)
 
-    return jax.lax.while_loop(running, body, state)
+    with attention.heads_split(split):
+        return jax.lax.while_loop(running, body, state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,8 +427,8 @@ def _launch(model: Phi3, request: _Request) -> tuple[SamplingState, Callable, in
     positions = np.full((B, Tp), -1, np.int32)
     limits = np.zeros((B,), np.int32)
     for i, (row, budget) in enumerate(zip(request.prompts, request.budgets, strict=True)):
-        tokens[i, Tp - len(row):] = row
-        positions[i, Tp - len(row):] = np.arange(len(row))
+        tokens[i, :len(row)] = row
+        positions[i, :len(row)] = np.arange(len(row))
         limits[i] = len(row) + budget
     rs = config.rope_scaling
     always_long = request.rope_policy == "always_long" and rs is not None

@@ -49,8 +49,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = MLP(config, dtype, rngs)
 
-    def __call__(self, x, cos, sin, mask, kv=None, index=None):
-        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+    def __call__(self, x, cos, sin, mask, kv=None, index=None, lengths=None):
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index, lengths)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, kv
@@ -85,8 +85,14 @@ class Phi3ForCausalLM(nnx.Module):
 
     def hidden_states(self, tokens: jax.Array, positions: jax.Array,
                       cache: KVCache | None = None, use_long: jax.Array | None = None,
+                      prefill_lengths: jax.Array | None = None,
                       ) -> tuple[jax.Array, KVCache | None]:
-        """The final normed hidden states [B, T, D]; see __call__ for the arguments."""
+        """The final normed hidden states [B, T, D]; see __call__ for the other arguments.
+
+        `prefill_lengths` [B] declares a prompt prefill into an empty `cache`, with right-padded
+        rows (row b's positions are 0..len-1 at its first len slots, then -1): attention then
+        reads only the new tokens, through the fused causal kernel where one applies.
+        """
         config = self.config
         if use_long is None:
             # A row's length is its largest position + 1 (positions are per row, so left padding
@@ -94,17 +100,19 @@ class Phi3ForCausalLM(nnx.Module):
             use_long = uses_long_factors(config, jnp.max(positions, axis=1) + 1)
         x = self.model.embed_tokens(tokens)  # [B, T, D]
         cos, sin = rotary_tables(config, positions, use_long, x.dtype)
-        if cache is None:
+        if cache is None or prefill_lengths is not None:
             mask = attention_mask(positions, positions, config.sliding_window)
-        else:
+        if cache is not None:
             key_positions = jax.lax.dynamic_update_slice(
                 cache.positions, positions.astype(jnp.int32), (0, cache.index))
-            mask = attention_mask(positions, key_positions, config.sliding_window)
+            if prefill_lengths is None:
+                mask = attention_mask(positions, key_positions, config.sliding_window)
         new_k, new_v = [], []
         call = _remat_layer if self.remat and cache is None else DecoderLayer.__call__
         for i, layer in enumerate(self.model.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv = call(layer, x, cos, sin, mask, kv, None if cache is None else cache.index)
+            x, kv = call(layer, x, cos, sin, mask, kv, None if cache is None else cache.index,
+                         prefill_lengths)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])

@@ -224,14 +224,20 @@ def cache_shardings(cache_or_config: KVCache | Phi3Config, mesh: Mesh) -> KVCach
         layers = len(cache_or_config.k)
         batch, _, kv_heads, _ = cache_or_config.k[0].shape
         check_batch(batch, mesh)
-    whole = kept_whole({"kv_heads": kv_heads}, mesh)
     batch_axis = RULES["batch"] if axis_size(mesh, RULES["batch"]) > 1 else None
-    kv_axis = RULES["kv_heads"] if axis_size(mesh, RULES["kv_heads"]) > 1 else None
-    kv_axis = None if "kv_heads" in whole else kv_axis
+    kv_axis = RULES["kv_heads"] if heads_split(kv_heads, mesh) else None
     kv = NamedSharding(mesh, PartitionSpec(batch_axis, None, kv_axis, None))
     return KVCache(k=(kv,) * layers, v=(kv,) * layers,
                    positions=NamedSharding(mesh, PartitionSpec(batch_axis, None)),
                    index=replicated(mesh))
+
+
+def heads_split(config_or_kv_heads: Phi3Config | int, mesh: Mesh) -> bool:
+    """Whether the KV heads (and with them the KV cache) are split over a mesh axis."""
+    kv_heads = (config_or_kv_heads.num_key_value_heads
+                if isinstance(config_or_kv_heads, Phi3Config) else config_or_kv_heads)
+    return (axis_size(mesh, RULES["kv_heads"]) > 1
+            and "kv_heads" not in kept_whole({"kv_heads": kv_heads}, mesh))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

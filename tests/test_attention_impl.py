@@ -1,8 +1,9 @@
-"""The fused-attention switch, on the CPU.
+"""The fast attention paths against the plain XLA reference, on the CPU.
 
-cuDNN itself needs a GPU (checked on the H100, benchmarks/RESULTS.md); here the same
-jax.nn.dot_product_attention call runs with implementation="xla", so CI covers the selection,
-the mask handed to the kernel, the GQA head order, the scale and the model's routing.
+cuDNN itself needs a GPU (benchmarks/check_fused_attention.py, run on the H100 and recorded in
+benchmarks/RESULTS.md); here the same jax.nn.dot_product_attention call runs with
+implementation="xla", so CI covers the selection, the causal/length/window arguments handed to
+the kernel, the GQA head order, the block-diagonal decode matmul and the model's routing.
 """
 
 from __future__ import annotations
@@ -15,17 +16,21 @@ from conftest import TINY
 from flax import nnx
 
 from phi3_jax import attention
+from phi3_jax.api import Phi3
 from phi3_jax.attention import (
     ATTENTION_ENV,
-    attention_impl,
     attention_mask,
+    causal_attention,
+    decode_attention,
+    decode_impl,
     dot_product_attention,
-    fused_dot_product_attention,
-    fused_mask,
+    heads_split,
+    prefill_impl,
 )
-from phi3_jax.cache import KVCache
 from phi3_jax.config import Phi3Config
 from phi3_jax.model import Phi3ForCausalLM
+
+BF16_ULP = 2.0 ** -8
 
 
 @pytest.fixture(autouse=True)
@@ -33,28 +38,32 @@ def _no_env(monkeypatch):
     monkeypatch.delenv(ATTENTION_ENV, raising=False)
 
 
-def test_default_selection():
-    # The fused path is opt-in until verified on a GPU: the default is XLA for every dtype.
+def test_selection(monkeypatch):
+    assert jax.default_backend() == "cpu"
+    # "auto" (the default) takes the fast paths on GPUs only.
     for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
-        assert attention_impl(dtype) == "xla"
-
-
-def test_env_overrides(monkeypatch):
-    monkeypatch.setenv(ATTENTION_ENV, "CUDNN")
-    assert attention_impl(jnp.bfloat16) == "cudnn"
-    assert attention_impl(jnp.float16) == "cudnn"
-    assert attention_impl(jnp.float32) == "xla"  # no fp32 kernel: fp32 stays exact
+        assert prefill_impl(dtype) == "xla"
+    assert decode_impl() == "einsum"
+    monkeypatch.setenv(ATTENTION_ENV, "FAST")
+    assert prefill_impl(jnp.bfloat16) == prefill_impl(jnp.float16) == "cudnn"
+    assert prefill_impl(jnp.float32) == "xla"  # no fp32 kernel: fp32 stays the reference
+    assert prefill_impl(jnp.bfloat16, attention.CUDNN_PREFILL_MAX_TOKENS) == "cudnn"
+    assert prefill_impl(jnp.bfloat16, attention.CUDNN_PREFILL_MAX_TOKENS + 1) == "xla"
+    assert decode_impl() == "matmul"
+    with heads_split(True):  # KV heads split over a mesh axis: the einsum partitions freely
+        assert decode_impl() == "einsum"
+    assert decode_impl() == "matmul"
     monkeypatch.setenv(ATTENTION_ENV, "xla")
-    assert attention_impl(jnp.bfloat16) == "xla"
-    monkeypatch.setenv(ATTENTION_ENV, "flash")
+    assert prefill_impl(jnp.bfloat16) == "xla" and decode_impl() == "einsum"
+    monkeypatch.setenv(ATTENTION_ENV, "cudnn")  # the old opt-in value is an error now
     with pytest.raises(ValueError, match=ATTENTION_ENV):
-        attention_impl(jnp.bfloat16)
+        prefill_impl(jnp.bfloat16)
 
 
-def test_fused_mask_is_attention_mask():
-    # Row 0: two left-padding slots then positions 0..3; row 1: no padding. Window W = 3.
-    pos = jnp.array([[-1, -1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5]], jnp.int32)
-    mask = attention_mask(pos, pos, 3)
+def test_attention_mask_by_hand():
+    # Row 0: positions 0..3 then two padding slots (right padding); row 1: no padding. W = 3.
+    pos = jnp.array([[0, 1, 2, 3, -1, -1], [0, 1, 2, 3, 4, 5]], jnp.int32)
+    mask = np.asarray(attention_mask(pos, pos, 3))
     expected = np.zeros((2, 6, 6), bool)
     for b in range(2):
         for i in range(6):
@@ -62,81 +71,135 @@ def test_fused_mask_is_attention_mask():
                 qp, kp = int(pos[b, i]), int(pos[b, j])
                 expected[b, i, j] = kp >= 0 and qp - 3 < kp <= qp
     np.testing.assert_array_equal(mask, expected)
-    assert not expected[0, :2].any() and expected[0, 5, 3:].all() and not expected[0, 5, 2]
-    fused = fused_mask(mask)
-    assert fused.shape == (2, 1, 6, 6) and fused.dtype == jnp.bool_
-    np.testing.assert_array_equal(fused[:, 0], mask)
+    assert not expected[0, 4:].any() and expected[0, 3, 1:4].all() and not expected[0, 3, 0]
 
 
-def _qkv(dtype, B=2, T=5, S=9, K=2, G=3, H=16, seed=0):
+def _prefill_qkv(dtype, lengths, T=12, K=2, G=3, H=16, seed=0):
     rs = np.random.RandomState(seed)
+    B = len(lengths)
     q = jnp.asarray(rs.normal(size=(B, T, K, G, H)), dtype)
-    k = jnp.asarray(rs.normal(size=(B, S, K, H)), dtype)
-    v = jnp.asarray(rs.normal(size=(B, S, K, H)), dtype)
-    # A cache of S slots: row 0 left-padded by 2, row 1 full; the T new queries are the last
-    # filled slots, the final slot still empty (-1). Window 4.
-    k_pos = np.array([[-1, -1, 0, 1, 2, 3, 4, 5, -1], [0, 1, 2, 3, 4, 5, 6, 7, -1]], np.int32)
-    q_pos = k_pos[:, 3:8]
-    return q, k, v, attention_mask(jnp.asarray(q_pos), jnp.asarray(k_pos), 4)
+    k = jnp.asarray(rs.normal(size=(B, T, K, H)), dtype)
+    v = jnp.asarray(rs.normal(size=(B, T, K, H)), dtype)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    pos = jnp.where(jnp.arange(T)[None] < lengths[:, None], jnp.arange(T)[None], -1)
+    return q, k, v, lengths, pos
 
 
-def test_fused_call_matches_xla_path_fp32():
-    q, k, v, mask = _qkv(jnp.float32)
-    ref = dot_product_attention(q, k, v, mask)
-    got = fused_dot_product_attention(q, k, v, mask, implementation="xla")
-    assert got.shape == ref.shape
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
-    # The comparison can see a head-order bug: pairing query head n with KV head n % K
-    # instead of n // G (K=2, G=3 here) gives another answer.
+@pytest.mark.parametrize("window", [None, 4, 12, 100])
+def test_causal_attention_matches_reference(window):
+    q, k, v, lengths, pos = _prefill_qkv(jnp.float32, [12, 7, 1, 0])
+    ref = np.asarray(dot_product_attention(q, k, v, attention_mask(pos, pos, window)))
+    got = np.asarray(causal_attention(q, k, v, lengths, window, implementation="xla"))
+    valid = np.asarray(pos) >= 0
+    np.testing.assert_allclose(got[valid], ref[valid], rtol=1e-5, atol=1e-5)
+    assert (got[~valid] == 0).all()  # padding queries are zeroed, never left to the kernel
+    if window == 4:  # the window matters here, so the comparison can see a dropped window
+        loose = np.asarray(causal_attention(q, k, v, lengths, None, implementation="xla"))
+        assert np.abs(loose[valid] - ref[valid]).max() > 1e-2
+
+
+def test_causal_attention_head_order():
+    # Pairing query head n with KV head n % K instead of n // G (K=2, G=3) gives another answer.
+    q, k, v, lengths, pos = _prefill_qkv(jnp.float32, [12, 9])
     B, T, K, G, H = q.shape
     swapped = q.transpose(0, 1, 3, 2, 4).reshape(B, T, K, G, H)
-    wrong = fused_dot_product_attention(swapped, k, v, mask, implementation="xla")
-    assert np.abs(np.asarray(wrong) - np.asarray(dot_product_attention(swapped, k, v, mask))
-                  ).max() < 1e-5
-    assert np.abs(np.asarray(wrong) - np.asarray(ref)).max() > 1e-1
+    ref = np.asarray(dot_product_attention(q, k, v, attention_mask(pos, pos, None)))
+    wrong = np.asarray(causal_attention(swapped, k, v, lengths, None, implementation="xla"))
+    assert np.abs(wrong - ref).max() > 1e-1
 
 
-def test_fused_call_matches_xla_path_bf16():
-    q, k, v, mask = _qkv(jnp.bfloat16)
-    ref = np.asarray(dot_product_attention(q, k, v, mask), np.float32)
-    got = np.asarray(fused_dot_product_attention(q, k, v, mask, implementation="xla"),
-                     np.float32)
+def test_causal_attention_bf16():
+    q, k, v, lengths, pos = _prefill_qkv(jnp.bfloat16, [12, 5])
+    ref = np.asarray(dot_product_attention(q, k, v, attention_mask(pos, pos, 4)), np.float32)
+    got = np.asarray(causal_attention(q, k, v, lengths, 4, implementation="xla"), np.float32)
+    valid = np.asarray(pos) >= 0
     # Both accumulate in fp32 and round probabilities and outputs to bf16 (8 bits): outputs are
     # convex combinations of |v| <= max|v|, so two roundings bound the gap.
-    bound = 2 * 2.0 ** -8 * float(jnp.abs(v.astype(jnp.float32)).max())
+    bound = 2 * BF16_ULP * float(jnp.abs(v.astype(jnp.float32)).max())
+    assert np.abs(got[valid] - ref[valid]).max() <= bound
+
+
+def _decode_case(dtype, K, G, H=16, S=20, seed=0):
+    """One query per row against a cache with every kind of slot: a right-padded prompt, empty
+    slots between prompt and output, a finished row (query position -1), an unwritten tail."""
+    rs = np.random.RandomState(seed)
+    B = 3
+    q = jnp.asarray(rs.normal(size=(B, 1, K, G, H)), dtype)
+    k = jnp.asarray(rs.normal(size=(B, S, K, H)), dtype)
+    v = jnp.asarray(rs.normal(size=(B, S, K, H)), dtype)
+    k_pos = np.full((B, S), -1, np.int32)
+    k_pos[0, :16] = np.arange(16)  # full prompt, generated tokens from slot 12 on
+    k_pos[1, :5] = np.arange(5)  # short prompt: slots 5..11 empty, then generated tokens
+    k_pos[1, 12:16] = np.arange(5, 9)
+    k_pos[2, :9] = np.arange(9)
+    q_pos = np.array([[15], [8], [-1]], np.int32)
+    return q, k, v, jnp.asarray(q_pos), jnp.asarray(k_pos)
+
+
+@pytest.mark.parametrize("K,G", [(4, 1), (2, 3)])
+@pytest.mark.parametrize("window", [None, 5])
+def test_decode_attention_matches_reference(K, G, window):
+    q, k, v, q_pos, k_pos = _decode_case(jnp.float32, K, G)
+    mask = attention_mask(q_pos, k_pos, window)
+    ref = np.asarray(dot_product_attention(q, k, v, mask))
+    got = np.asarray(jax.jit(decode_attention)(q, k, v, mask))
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got[:2], ref[:2], rtol=1e-5, atol=1e-5)
+    assert np.isfinite(got).all()  # the finished row (nothing visible) stays finite
+    # The block diagonal is what makes it right: every head against KV head 0 differs.
+    q0 = jnp.broadcast_to(q[:, :, :1], q.shape)
+    assert np.abs(np.asarray(decode_attention(q0, k, v, mask)) - ref).max() > 1e-2
+
+
+def test_decode_attention_bf16():
+    q, k, v, q_pos, k_pos = _decode_case(jnp.bfloat16, 2, 3)
+    mask = attention_mask(q_pos, k_pos, None)
+    ref = np.asarray(dot_product_attention(q, k, v, mask), np.float32)[:2]
+    got = np.asarray(decode_attention(q, k, v, mask), np.float32)[:2]
+    bound = 2 * BF16_ULP * float(jnp.abs(v.astype(jnp.float32)).max())
     assert np.abs(got - ref).max() <= bound
 
 
-def test_model_routes_prefill_only(monkeypatch):
-    """With the switch on, prefill (T > 1) takes the fused call and decode does not."""
-    calls = []
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_generate_fast_paths_match_reference(monkeypatch, dtype):
+    """generate() with the fast paths gives the tokens of the reference paths, on a padded GQA
+    batch with a sliding window, and the fast paths ran: one causal kernel call per layer in the
+    prefill, decode_attention in the decode loop. The "kernel" is jax's XLA implementation of
+    the same call, poisoned with NaN in the padding rows it is free to leave unspecified."""
+    calls = {"kernel": 0, "decode": 0}
+    real_kernel, real_decode = jax.nn.dot_product_attention, attention.decode_attention
 
-    def fake_fused(q, k, v, mask):
-        calls.append(q.shape[1])
-        return fused_dot_product_attention(q, k, v, mask, implementation="xla")
+    def poisoned_kernel(q, k, v, *args, query_seq_lengths=None, **kwargs):
+        calls["kernel"] += 1
+        kwargs["implementation"] = "xla"
+        out = real_kernel(q, k, v, *args, query_seq_lengths=query_seq_lengths, **kwargs)
+        pad = jnp.arange(q.shape[1])[None, :] >= query_seq_lengths[:, None]
+        return jnp.where(pad[:, :, None, None], jnp.nan, out)
+
+    def counted_decode(*args):
+        calls["decode"] += 1
+        return real_decode(*args)
 
     config = Phi3Config.from_hf(dict(TINY, model_type="phi3", num_attention_heads=8,
-                                     num_key_value_heads=2, sliding_window=4))
-    model = Phi3ForCausalLM(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-    rs = np.random.RandomState(1)
-    tokens = jnp.asarray(rs.randint(3, 100, (2, 6)), jnp.int32)
-    pos = jnp.array([[-1, -1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5]], jnp.int32)
-
-    def run():
-        cache = KVCache.init(config, 2, 8, jnp.bfloat16)
-        logits, cache = model(tokens, pos, cache)
-        step, _ = model(tokens[:, -1:], pos[:, -1:] + 1, cache)
-        return np.asarray(logits, np.float32), np.asarray(step, np.float32)
-
-    ref = run()
-    assert calls == []
-    monkeypatch.setenv(ATTENTION_ENV, "cudnn")
-    monkeypatch.setattr(attention, "fused_dot_product_attention", fake_fused)
-    got = run()
-    assert calls == [6] * config.num_hidden_layers
-    valid = np.asarray(pos) >= 0
-    # Same bf16 arithmetic in the same order: the logits agree to a few bf16 ulps of their size.
-    tol = 4 * 2.0 ** -8 * np.abs(ref[0][valid]).max()
-    assert np.abs(got[0][valid] - ref[0][valid]).max() <= tol
-    assert np.abs(got[1] - ref[1]).max() <= tol
-    assert jax.default_backend() == "cpu"
+                                     num_key_value_heads=2, sliding_window=6))
+    module = Phi3ForCausalLM(config, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(3))
+    graphdef, params = nnx.split(module)
+    model = Phi3(config, graphdef, params, generation_config={})
+    rs = np.random.RandomState(2)
+    prompts = [rs.randint(3, 100, n).tolist() for n in (11, 3, 7)]
+    ref = [c.token_ids for c in model.generate(prompts, max_new_tokens=10, temperature=0.0)]
+    assert calls == {"kernel": 0, "decode": 0}
+    monkeypatch.setenv(ATTENTION_ENV, "fast")
+    # fp32 too: the kernel's contract is dtype-free, and fp32 makes the comparison exact.
+    monkeypatch.setattr(attention, "prefill_impl", lambda dtype, tokens: "cudnn")
+    monkeypatch.setattr(jax.nn, "dot_product_attention", poisoned_kernel)
+    monkeypatch.setattr(attention, "decode_attention", counted_decode)
+    jax.clear_caches()  # the choice is made at trace time
+    got = [c.token_ids for c in model.generate(prompts, max_new_tokens=10, temperature=0.0)]
+    jax.clear_caches()
+    assert calls["kernel"] == config.num_hidden_layers
+    assert calls["decode"] >= config.num_hidden_layers
+    if dtype == "float32":
+        assert got == ref
+    else:  # bf16 reassociation can flip a near-tie; the first tokens must agree
+        assert all(g[:2] == r[:2] for g, r in zip(got, ref, strict=True))

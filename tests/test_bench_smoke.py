@@ -46,3 +46,20 @@ def test_tiny_run_reports_every_case():
             assert r["ms"] > 0 and r["impl_bytes"] >= r["min_bytes"]
     generate = next(r for r in rows if r["case"] == "decode_generate")
     assert generate["cache_slots"] == 128  # generate()'s bucket for a 64 + 64 token budget
+
+
+def test_profile_decode_tiny_run(tmp_path):
+    """profile_decode.py's CPU run: every requested batch is decoded and traced, the trace is
+    parsed (the CPU has no device kernels, so its table is empty), and the JSON line is written."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_decode.py"),
+                           "--tiny", "--batch", "1", "2", "--no-gemv", "--prefill", "2", "32",
+                           "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["batch"] for r in result["decode"]] == [1, 2]
+    assert all(r["ms"] > 0 and r["threads"] for r in result["decode"])
+    assert result["prefill"]["ms"] > 0
+    assert (tmp_path / "decode_B2_ctx128.trace.json.gz").exists()
+    assert (tmp_path / "profile_decode.json").exists()
