@@ -10,8 +10,8 @@ warm-up steps (compilation), CHUNKS chunks of STEPS steps are timed (block_until
 ms/step is the median chunk over STEPS. Two cache layouts:
   - "tight": prompt of ctx-64 tokens in a cache of exactly ctx slots (what an engine with
     cache length = context would read);
-  - "generate": `generate()`'s own bucketing (`_launch`: prompt bucketed to a power of two,
-    cache = next power of two of prompt bucket + max_new_tokens), i.e. what users get today.
+  - "generate": `generate()`'s own bucketing (`_launch` and `batch_shapes`: prompt and cache
+    lengths in quarter-octave buckets), i.e. what users get.
 Prefill: `_prefill` of B x T tokens in a cache of T slots (first token chosen), tok/s.
 TTFT: `_launch` (generate's path) for one 2048-token prompt with max_new_tokens 64, until the
 first token is on the device.

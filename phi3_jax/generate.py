@@ -6,10 +6,11 @@ attention on GPUs). Generated tokens go to shared slots: slot Tp + i holds the i
 token of every row, so short rows leave empty slots (position -1) between prompt and output.
 Each row keeps its own positions, which is all the attention mask and RoPE need.
 
-Compilation. Batch size, prompt length and cache length are rounded up to powers of two, the
-model's graphdef is static and the parameters, cache and sampler numbers are traced, so a new
-prompt compiles nothing unless it lands in a new bucket. `end_step` is traced too: one compiled
-loop serves the single run-to-completion call and the chunked calls used for streaming.
+Compilation. Batch size is rounded up to a power of two, prompt and cache lengths to quarter
+octaves (`batch_shapes`), the model's graphdef is static and the parameters, cache and sampler
+numbers are traced, so a new prompt compiles nothing unless it lands in a new bucket. `end_step`
+is traced too: one compiled loop serves the single run-to-completion call and the chunked calls
+used for streaming.
 
 Host syncs. Without streaming or stop strings the whole generation is one `lax.while_loop`
 that ends when every row is done (or at max_new_tokens). Streaming syncs after every token and
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
 
 ROPE_POLICIES = ("per_sequence", "always_long")
 STOP_CHECK_EVERY = 8  # decode steps between host checks for stop strings
-CACHE_BUCKETS_PER_OCTAVE = 4  # cache lengths: at most 25% unused slots, 4 shapes per octave
+BUCKETS_PER_OCTAVE = 4  # prompt and cache lengths: at most 25% padding, 4 shapes per octave
 DEFAULT_MAX_NEW_TOKENS = 256
 
 
@@ -408,21 +409,35 @@ def _stop_strings(stop: str | Sequence[str] | None, tokenizer: Any) -> tuple[str
     return stops
 
 
+def batch_shapes(rows: int, prompt_len: int, budget: int,
+                 mesh: jax.sharding.Mesh | None = None) -> tuple[int, int, int]:
+    """(B, Tp, S): the compiled batch, prompt and cache lengths for `rows` prompts of at most
+    `prompt_len` tokens and at most `budget` new tokens each.
+
+    B is a power of two (a multiple of the data axis on a mesh). Tp and S are quarter-octave
+    buckets: at most 25% padding for 4 compiled shapes per octave. Prefill compute grows with
+    Tp and decode reads all S slots every step (on the H100 the empty half of a power-of-two
+    cache cost 46% more time per step at batch 16), and a power-of-two Tp would turn a
+    100k-token prompt into 131,072 tokens and a 163,840-slot cache (64 GB at Phi-3-mini's
+    384 KiB per token, more than an 80 GB GPU holds beside the weights); here 114,688 and
+    131,072.
+    """
+    B = 1 << (rows - 1).bit_length()
+    if mesh is not None:  # the batch must split evenly over the data axis
+        data = sharding.axis_size(mesh, sharding.RULES["batch"])
+        B = -(-B // data) * data
+    Tp = bucket_length(prompt_len, per_octave=BUCKETS_PER_OCTAVE)
+    S = bucket_length(Tp + budget, per_octave=BUCKETS_PER_OCTAVE)
+    return B, Tp, S
+
+
 def _launch(model: Phi3, request: _Request) -> tuple[SamplingState, Callable, int, int]:
     """Pads and buckets the batch, runs the prefill; returns the state, a `decode(state,
     end_step)` closure, the bucketed prompt length Tp and the real batch size."""
     config = model.config
     mesh = model.mesh
     n = len(request.prompts)
-    B = 1 << (n - 1).bit_length()
-    if mesh is not None:  # the batch must split evenly over the data axis
-        data = sharding.axis_size(mesh, sharding.RULES["batch"])
-        B = -(-B // data) * data
-    Tp = bucket_length(max(len(p) for p in request.prompts))
-    # Decode reads every cache slot each step, so the cache bucket is finer than the prompt's:
-    # a 1k prompt + 64 new tokens gets 1280 slots, not 2048 (measured on the H100: the empty
-    # half of a power-of-two cache cost 46% more time per decode step at batch 16).
-    S = bucket_length(Tp + max(request.budgets), per_octave=CACHE_BUCKETS_PER_OCTAVE)
+    B, Tp, S = batch_shapes(n, max(len(p) for p in request.prompts), max(request.budgets), mesh)
     tokens = np.zeros((B, Tp), np.int32)
     positions = np.full((B, Tp), -1, np.int32)
     limits = np.zeros((B,), np.int32)
@@ -436,22 +451,24 @@ def _launch(model: Phi3, request: _Request) -> tuple[SamplingState, Callable, in
     # depends on the cache bucket alone, so it adds no compiled variant.
     reprefill = not always_long and rs is not None and rs.original_max_position_embeddings < S
     plan = _Plan(cache_len=S, always_long=always_long, reprefill=reprefill, mesh=mesh)
-    stop_ids = jnp.asarray(request.stop_ids)
-    pad_id = jnp.asarray(request.pad_id, jnp.int32)
+    stop_ids = jax.device_put(request.stop_ids)
+    # Host scalars go in as numpy values: jnp.asarray would compile a conversion program.
+    pad_id = np.int32(request.pad_id)
     state = _prefill(model.graphdef, model.params, _put(tokens, mesh), _put(positions, mesh),
                      _put(limits, mesh), request.sampler, stop_ids, pad_id,
-                     jnp.asarray(request.seed % 2**32, jnp.uint32), plan=plan)
+                     np.uint32(request.seed % 2**32), plan=plan)
 
     def decode(state: SamplingState, end_step: int) -> SamplingState:
         return _decode(model.graphdef, model.params, state, request.sampler, stop_ids, pad_id,
-                       jnp.asarray(end_step, jnp.int32), plan=plan)
+                       np.int32(end_step), plan=plan)
 
     return state, decode, Tp, n
 
 
 def _put(array: np.ndarray, mesh: jax.sharding.Mesh | None) -> jax.Array:
     """A host array [B, ...] on the device(s): split on B over `data` when there is a mesh."""
-    return jnp.asarray(array) if mesh is None else sharding.shard_batch(array, mesh)
+    # device_put, not jnp.asarray: in jax 0.10 the latter compiles a copy program per new shape.
+    return jax.device_put(array) if mesh is None else sharding.shard_batch(array, mesh)
 
 
 def _collect_fast(model: Phi3, request: _Request) -> list[Completion]:

@@ -278,7 +278,7 @@ def count_compiles():
 def test_compiles_once_per_bucket(tmp_path, count_compiles):
     # A one-layer model: its programs cannot have been compiled by another test.
     model = phi3_jax.load(make_hf_checkpoint(tmp_path / "ckpt", seed=18, num_hidden_layers=1))
-    prompts = [_prompt(n, seed=n) for n in (5, 17, 100)]  # buckets 16, 32 and 128
+    prompts = [_prompt(n, seed=n) for n in (5, 17, 100)]  # buckets 16, 20 and 112
     prefills, decodes = gen._prefill._cache_size(), gen._decode._cache_size()
     for prompt in prompts:
         model.generate(prompt, max_new_tokens=4)
@@ -286,7 +286,7 @@ def test_compiles_once_per_bucket(tmp_path, count_compiles):
     assert gen._decode._cache_size() - decodes == 3
     assert len(count_compiles) <= 6, "unexpected compilations besides prefill/decode"
     count_compiles.clear()
-    for prompt in [*prompts, _prompt(9, seed=1), _prompt(70, seed=2)]:  # same buckets
+    for prompt in [*prompts, _prompt(9, seed=1), _prompt(105, seed=2)]:  # same buckets
         model.generate(prompt, max_new_tokens=4, stop_token_ids=[5])
     assert count_compiles == []
 
@@ -317,3 +317,11 @@ def test_bucket_lengths_bound_waste_and_shapes():
         # Compiled shapes: `per_octave` per octave above the minimum, 8 octaves from 16 to 4096.
         assert len(buckets) == 1 + 8 * per_octave
     assert bucket_length(1088, per_octave=4) == 1280  # a 1k prompt + 64 new tokens
+
+
+def test_batch_shapes_fit_long_prompts():
+    # A 100k-token prompt (Phi-3-mini-128k): the prefill pads to 114,688 tokens, not 131,072, and
+    # the cache has 131,072 slots (51.5 GB at 384 KiB per token), not 163,840 (64 GB).
+    assert gen.batch_shapes(1, 100_000, 64) == (1, 114_688, 131_072)
+    assert gen.batch_shapes(3, 960, 64) == (4, 1024, 1280)
+    assert gen.batch_shapes(5, 17, 4) == (8, 20, 24)
