@@ -28,7 +28,9 @@ implementation reads (S slots). Prefill against PEAK_TFLOPS: 2 * matmul params *
 causal attention (2 * T^2 * D per layer per row, QK and PV, halved for causality).
 
     python benchmarks/bench_gpu.py [--out DIR] [--budget 500]     # H100, Phi-3-mini
-    python benchmarks/bench_gpu.py --tiny                         # CPU smoke run, seconds
+    python benchmarks/bench_gpu.py --config medium                # Phi-3-medium (14B)
+    python benchmarks/bench_gpu.py --cases long                   # one 100k-token prompt
+    python benchmarks/bench_gpu.py --tiny [--cases long]          # CPU smoke run, seconds
 
 Prints a table, then one JSON line.
 """
@@ -55,6 +57,14 @@ STEPS, CHUNKS = 16, 3
 MINI = dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
             num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
             sliding_window=2047, bos_token_id=1, eos_token_id=32000, pad_token_id=32000)
+# Phi-3-medium-4k (14B): decode batch 1 is the issue's "85% of bandwidth" case.
+MEDIUM = dict(MINI, hidden_size=5120, intermediate_size=17920, num_hidden_layers=40,
+              num_attention_heads=40, num_key_value_heads=10)
+# Phi-3-mini-128k: LongRoPE (factor values do not change the speed), window past any prompt.
+MINI_128K = dict(MINI, max_position_embeddings=131072, sliding_window=262144,
+                 original_max_position_embeddings=4096,
+                 rope_scaling={"type": "longrope", "short_factor": [1.0] * 48,
+                               "long_factor": [4.0] * 48})
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
             bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -75,6 +85,17 @@ TINY_HF = [("eager_decode", 1, 128), ("prefill", 2, 32)]
 # attention path; 16x4096 OOMs on the unfused path (fp32 scores).
 PREFILL_JAX = [("prefill", 8, 2048), ("ttft", 1, 2048), ("prefill", 16, 4096)]
 TINY_PREFILL_JAX = [("prefill", 2, 32), ("ttft", 1, 32)]
+# --config medium: Phi-3-medium decode (and its transformers compiled peer), prefill.
+MEDIUM_JAX = [("decode_tight", 1, 1024), ("decode_tight", 16, 1024), ("prefill", 4, 2048),
+              ("ttft", 1, 2048)]
+MEDIUM_HF = [("compiled_decode", 1, 1024), ("eager_decode", 1, 1024), ("prefill", 4, 2048)]
+# --cases long: one prompt of ctx tokens through generate()'s own path (bucketed prefill with
+# the long LongRoPE factors, then decode at that context), Phi-3-mini-128k shapes.
+LONG_JAX = [("long", 1, 100_000)]
+TINY_LONG = dict(TINY, max_position_embeddings=1024, original_max_position_embeddings=64,
+                 rope_scaling={"type": "longrope", "short_factor": [1.0] * 8,
+                               "long_factor": [4.0] * 8})
+TINY_LONG_JAX = [("long", 1, 300)]
 
 
 def counts(raw: dict) -> dict:
@@ -127,7 +148,7 @@ def run_jax(raw: dict, cases: list, deadline: float) -> None:
     from phi3_jax.config import Phi3Config
     from phi3_jax.model import Phi3ForCausalLM
 
-    config = Phi3Config(**dict(raw, eos_token_id=(raw["eos_token_id"],)))
+    config = Phi3Config.from_hf(dict(raw, model_type="phi3"))
     c = counts(raw)
     device = jax.devices()[0]
     t0 = time.perf_counter()
@@ -225,6 +246,24 @@ def run_jax(raw: dict, cases: list, deadline: float) -> None:
                            frac_peak=flops / s / 1e12 / PEAK_TFLOPS, peak_gib=peak_gib())
                 emit(row)
                 continue
+            elif kind == "long":
+                # Two launches: the first compiles; the second is timed, then decoded. Only one
+                # state is alive at a time (a 100k cache is half of the GPU's memory).
+                request = gen._prepare(model, prompts(batch, ctx).tolist(), max_new_tokens=NEW)
+                request.stop_ids[:] = -1
+                t = time.perf_counter()
+                state, _, _, _ = gen._launch(model, request)
+                jax.block_until_ready(state.tokens)
+                row["compile_s"] = time.perf_counter() - t
+                del state
+                t = time.perf_counter()
+                state, decode, Tp, _ = gen._launch(model, request)
+                jax.block_until_ready(state.tokens)
+                row.update(prefill_ms=1e3 * (time.perf_counter() - t), prompt_bucket=Tp,
+                           peak_gib=peak_gib())
+                slots = state.tokens.shape[1]
+                ms, row["decode_compile_s"], steps = time_decode(state, decode)
+                filled = ctx + 2 + CHUNKS * STEPS / 2
             elif kind == "ttft":
                 request = gen._prepare(model, prompts(batch, ctx).tolist(), max_new_tokens=NEW)
                 t = time.perf_counter()
@@ -355,7 +394,8 @@ def run_hf(raw: dict, cases: list, deadline: float, tiny: bool) -> None:
 def child(engine: str, args: argparse.Namespace, budget: float, log) -> list[dict]:
     """Runs one engine in a subprocess; returns its CASE rows (partial ones if it was killed)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--engine", engine, "--budget",
-           str(budget), "--cases", args.cases] + (["--tiny"] if args.tiny else [])
+           str(budget), "--cases", args.cases, "--config", args.config] + (
+               ["--tiny"] if args.tiny else [])
     rows = []
     # JAX may take most of the card: torch runs later, in its own process.
     env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.92")
@@ -400,6 +440,10 @@ def table(rows: list[dict]) -> None:
               f"{fmt(100 * frac if frac is not None else None, '8.1f')} "
               f"{fmt(100 * r['frac_bw_impl'] if 'frac_bw_impl' in r else None, '7.1f')} "
               f"{fmt(comp, '9.1f')} {fmt(r.get('peak_gib'), '8.1f')}")
+        if "prefill_ms" in r:
+            print(f"{'':22} {'  its prefill':16} {r['batch']:>3} {r['prompt_bucket']:>5} "
+                  f"{r['prefill_ms']:9.1f}  (prompt of {r['ctx']} tokens, bucket "
+                  f"{r['prompt_bucket']}, cache {r['cache_slots']} slots)")
 
 
 def ratios(rows: list[dict]) -> dict:
@@ -436,14 +480,24 @@ def main() -> int:
                    help="seconds for the whole run (split between the engines); cases not "
                         "started by then are reported as skipped")
     p.add_argument("--out", default=None, help="folder for the child logs and the JSON")
-    p.add_argument("--cases", choices=["all", "prefill"], default="all",
-                   help="prefill: phi3-jax prefill and TTFT cases only (no transformers run)")
+    p.add_argument("--cases", choices=["all", "prefill", "long"], default="all",
+                   help="prefill: phi3-jax prefill and TTFT cases only (no transformers run); "
+                        "long: one 100k-token prompt, prefill and decode, Phi-3-mini-128k "
+                        "shapes (phi3-jax only)")
+    p.add_argument("--config", choices=["mini", "medium"], default="mini",
+                   help="medium: Phi-3-medium-4k shapes (14B), a shorter case list")
     args = p.parse_args()
-    raw = TINY if args.tiny else MINI
     start = time.perf_counter()
-    if args.cases == "prefill":
+    if args.cases == "long":
+        raw = TINY_LONG if args.tiny else MINI_128K
+        jax_cases, hf_cases = (TINY_LONG_JAX if args.tiny else LONG_JAX), []
+    elif args.cases == "prefill":
+        raw = TINY if args.tiny else MINI
         jax_cases, hf_cases = (TINY_PREFILL_JAX if args.tiny else PREFILL_JAX), []
+    elif args.config == "medium" and not args.tiny:
+        raw, jax_cases, hf_cases = MEDIUM, MEDIUM_JAX, MEDIUM_HF
     else:
+        raw = TINY if args.tiny else MINI
         jax_cases, hf_cases = (TINY_JAX, TINY_HF) if args.tiny else (FULL_JAX, FULL_HF)
     if args.engine == "jax":
         run_jax(raw, jax_cases, start + args.budget)
@@ -472,7 +526,8 @@ def main() -> int:
             if hf_cases:
                 rows += child("hf", args, args.budget - (time.perf_counter() - start), log)
     table(rows)
-    result = {"bench": "gpu_inference", "tiny": args.tiny, "commit": git_head(),
+    result = {"bench": "gpu_inference", "tiny": args.tiny, "config": args.config,
+              "cases": args.cases, "commit": git_head(),
               "bw_tbs": BW_TBS, "peak_tflops": PEAK_TFLOPS, "new": NEW, "steps": STEPS,
               "chunks": CHUNKS, "counts": counts(raw), "ratios": ratios(rows), "rows": rows,
               "wall_s": time.perf_counter() - start}

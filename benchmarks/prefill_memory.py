@@ -1,5 +1,10 @@
-"""Diagnosis: compiled temporary memory of the generator's prefill under each attention path,
-and batch-64 decode with the einsum vs the block-diagonal matmul attention (Phi-3-mini, bf16).
+"""Diagnosis (GPU): compiled memory of the generator's prefill under each attention path, and
+batch-64 decode with the einsum vs the block-diagonal matmul attention (Phi-3-mini, bf16).
+
+The prefill rows only compile (`memory_analysis`), so a variant that would not fit still
+reports its size; "cudnn" forces the fused kernel past attention.CUDNN_PREFILL_MAX_TOKENS.
+The attention choice is made at trace time, so jax's caches are cleared between variants (the
+first recorded run, stop 9, missed this and its cuDNN rows repeated the XLA trace).
 
     python benchmarks/prefill_memory.py
 Prints one line per case, then one JSON line.
@@ -38,8 +43,11 @@ def main() -> int:
         return (graphdef, params, tokens, pos, jnp.full((B,), S, jnp.int32), sampler, stop, pad,
                 jnp.asarray(0, jnp.uint32)), plan
 
-    for impl in ("xla", "fast"):
-        os.environ[attention.ATTENTION_ENV] = impl
+    real_prefill = attention.prefill_impl
+    for impl in ("xla", "cudnn"):
+        os.environ[attention.ATTENTION_ENV] = "xla"
+        attention.prefill_impl = lambda dtype, batch=1, length=1, impl=impl: impl
+        jax.clear_caches()
         for B, T, S in ((64, 960, 1024), (8, 2048, 2048), (1, 2048, 2112)):
             args, plan = prefill_args(B, T, S)
             m = gen._prefill.lower(*args, plan=plan).compile().memory_analysis()
@@ -48,7 +56,8 @@ def main() -> int:
                        out_gib=m.output_size_in_bytes / 2**30)
             rows.append(row)
             print(row, flush=True)
-    os.environ[attention.ATTENTION_ENV] = "xla"
+    attention.prefill_impl = real_prefill
+    jax.clear_caches()
     args, plan = prefill_args(64, 960, 1024)
     real = attention.decode_impl
     for impl in ("einsum", "matmul"):

@@ -63,3 +63,33 @@ def test_profile_decode_tiny_run(tmp_path):
     assert result["prefill"]["ms"] > 0
     assert (tmp_path / "decode_B2_ctx128.trace.json.gz").exists()
     assert (tmp_path / "profile_decode.json").exists()
+
+
+def test_tiny_long_case():
+    """--cases long: one prompt past original_max through generate()'s path, prefill then decode."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--tiny",
+                           "--cases", "long"],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [r for r in json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
+            if r["case"] == "long"]
+    assert len(rows) == 1 and "error" not in rows[0]
+    (row,) = rows
+    assert row["prefill_ms"] > 0 and row["ms"] > 0
+    assert row["prompt_bucket"] >= row["ctx"] and row["cache_slots"] >= row["prompt_bucket"]
+    assert row["steps"] == 2 + bench_gpu.CHUNKS * bench_gpu.STEPS
+
+
+def test_bench_compile_tiny_run():
+    """bench_compile.py --tiny: the cold pass builds programs, the same process then builds
+    none, and a fresh process loads every program from the persistent cache."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_compile.py"),
+                           "--tiny"], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    cold, steady, warm = json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
+    assert cold["programs"] > 0 and cold["from_cache"] == 0
+    assert steady["programs"] == 0
+    assert warm["programs"] == warm["from_cache"] == cold["programs"]

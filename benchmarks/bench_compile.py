@@ -1,0 +1,136 @@
+"""Compilation cost of generate(): cold, warm from the persistent cache, and after warm-up.
+
+A fixed workload (prompt lengths spanning several buckets, batch 1 and a batch of 8, greedy,
+max_new_tokens NEW) runs through the public `generate()` three times:
+  1. cold, in a fresh process with an empty persistent compilation cache (jax's, enabled by
+     generate(compilation_cache=DIR));
+  2. again in the same process: what a warmed-up server pays (must compile nothing);
+  3. warm start: a second fresh process on the same cache DIR.
+Each pass reports its wall time, the XLA programs it built (jax.monitoring's backend_compile
+events, with their summed duration) and how many of those came from the persistent cache.
+Random bf16 weights are made on the device first (not counted; that init program is compiled
+once per process).
+
+    python benchmarks/bench_compile.py [--config mini|medium] [--out DIR]   # GPU
+    python benchmarks/bench_compile.py --tiny                               # CPU smoke run
+
+Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+
+NEW = 32
+# (rows, prompt length): prefill buckets 128, 512, 1024, 2048 and a batch of 8.
+WORKLOAD = [(1, 100), (1, 500), (1, 1000), (1, 2000), (8, 1000)]
+TINY_WORKLOAD = [(1, 10), (1, 40), (2, 30)]
+
+
+def run_passes(raw: dict, workload: list, cache_dir: str, passes: int) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from phi3_jax.api import Phi3, abstract_model
+    from phi3_jax.config import Phi3Config
+    from phi3_jax.model import Phi3ForCausalLM
+
+    config = Phi3Config.from_hf(dict(raw, model_type="phi3"))
+    graphdef, _ = abstract_model(config, jnp.bfloat16)
+    params = jax.jit(lambda: nnx.split(
+        Phi3ForCausalLM(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))[1])()
+    jax.block_until_ready(params)
+    model = Phi3(config, graphdef, params, generation_config={})
+    rs = np.random.RandomState(0)
+    prompts = [[rs.randint(3, raw["vocab_size"] - 1, n).tolist() for _ in range(rows)]
+               for rows, n in workload]
+    compiles: list[float] = []
+    hits: list[str] = []
+
+    def listener(name, duration, **kwargs):
+        if name == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    def counter(name, **kwargs):
+        if name == "/jax/compilation_cache/cache_hits":
+            hits.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    jax.monitoring.register_event_listener(counter)
+    out = []
+    for _ in range(passes):
+        compiles.clear()
+        hits.clear()
+        t = time.perf_counter()
+        for batch in prompts:
+            model.generate(batch, max_new_tokens=NEW, temperature=0.0, stop_token_ids=[],
+                           compilation_cache=cache_dir)
+        # A program loaded from the persistent cache also reports a (short) backend compile.
+        out.append(dict(wall_s=time.perf_counter() - t, programs=len(compiles),
+                        from_cache=len(hits), compile_s=sum(compiles)))
+    jax.monitoring.unregister_event_duration_listener(listener)
+    jax.monitoring.unregister_event_listener(counter)
+    return out
+
+
+def child(args: argparse.Namespace, cache_dir: str, passes: int) -> list[dict]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", cache_dir, "--passes",
+           str(passes), "--config", args.config] + (["--tiny"] if args.tiny else [])
+    env = dict(os.environ, JAX_PLATFORMS="cpu") if args.tiny else dict(os.environ)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-2000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tiny", action="store_true", help="small config on the CPU")
+    p.add_argument("--config", choices=["mini", "medium"], default="mini")
+    p.add_argument("--out", default=None)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--passes", type=int, default=1, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    from benchmarks.bench_gpu import MEDIUM, MINI, TINY, git_head
+
+    raw = TINY if args.tiny else (MEDIUM if args.config == "medium" else MINI)
+    workload = TINY_WORKLOAD if args.tiny else WORKLOAD
+    if args.child:
+        print(json.dumps(run_passes(raw, workload, args.child, args.passes)))
+        return 0
+    with tempfile.TemporaryDirectory(prefix="phi3_jax_cc_") as cache_dir:
+        cold, steady = child(args, cache_dir, passes=2)
+        (warm,) = child(args, cache_dir, passes=1)
+    rows = [dict(run="cold start (empty cache)", **cold),
+            dict(run="same process again", **steady),
+            dict(run="warm start (persistent cache)", **warm)]
+    print(f"{'run':32} {'wall s':>8} {'programs':>9} {'from cache':>10} {'compile s':>10}")
+    for r in rows:
+        print(f"{r['run']:32} {r['wall_s']:8.2f} {r['programs']:9d} {r['from_cache']:10d} "
+              f"{r['compile_s']:10.2f}")
+    result = {"bench": "compile", "tiny": args.tiny, "config": args.config, "new": NEW,
+              "workload": workload, "commit": git_head(), "rows": rows,
+              # Compilation the warm start saves: cold minus warm wall time.
+              "warm_saving_s": cold["wall_s"] - warm["wall_s"]}
+    line = json.dumps(result)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "bench_compile.json"), "w") as f:
+            f.write(line + "\n")
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
