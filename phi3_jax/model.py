@@ -95,7 +95,7 @@ class Phi3ForCausalLM(nnx.Module):
         """
         config = self.config
         if use_long is None:
-            # A row's length is its largest position + 1 (positions are per row, so left padding
+            # A row's length is its largest position + 1 (positions are per row, so padding
             # does not count), the quantity the reference compares with original_max.
             use_long = uses_long_factors(config, jnp.max(positions, axis=1) + 1)
         x = self.model.embed_tokens(tokens)  # [B, T, D]

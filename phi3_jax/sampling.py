@@ -30,7 +30,7 @@ def _pytree(cls: type) -> type:
 @_pytree
 class RepetitionPenalty:
     """Divides positive, multiplies negative scores of every token already in the row (prompt
-    included, left padding excluded), once per token however often it occurred."""
+    included, padding excluded), once per token however often it occurred."""
 
     penalty: Any  # float > 0
 
