@@ -18,7 +18,8 @@ Three attention computations, one contract (mask semantics of `attention_mask`):
   per layer for the 6 MB of keys at batch 1, 1k context on an H100, 18% of bandwidth); here the
   queries become a block-diagonal [K*H, N] matrix, so the keys are read by one plain matmul
   (5.9 us). Measured per decode step against the einsum on the same H100: 4.75 vs 5.55 ms at
-  batch 1, 14.5 vs 16.0 ms at batch 64. It spends K times the minimal FLOPs, which tensor cores absorb and a CPU would not.
+  batch 1, 14.5 vs 16.0 ms at batch 64. It spends K times the minimal FLOPs, which tensor
+  cores absorb and a CPU would not.
 
 A batched prefill uses cuDNN only up to CUDNN_PREFILL_MAX_TOKENS (B*T): on the H100 the
 generator's prefill ran at 8 x 2048 tokens but ran out of memory at 64 x 960 and 16 x 4096 with
