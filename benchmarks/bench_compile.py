@@ -38,19 +38,14 @@ TINY_WORKLOAD = [(1, 10), (1, 40), (2, 30)]
 
 def run_passes(raw: dict, workload: list, cache_dir: str, passes: int) -> list[dict]:
     import jax
-    import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
 
-    from phi3_jax.api import Phi3, abstract_model
+    from benchmarks.bench_gpu import random_model
+    from phi3_jax.api import Phi3
     from phi3_jax.config import Phi3Config
-    from phi3_jax.model import Phi3ForCausalLM
 
     config = Phi3Config.from_hf(dict(raw, model_type="phi3"))
-    graphdef, _ = abstract_model(config, jnp.bfloat16)
-    params = jax.jit(lambda: nnx.split(
-        Phi3ForCausalLM(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))[1])()
-    jax.block_until_ready(params)
+    graphdef, params = random_model(config)
     model = Phi3(config, graphdef, params, generation_config={})
     rs = np.random.RandomState(0)
     prompts = [[rs.randint(3, raw["vocab_size"] - 1, n).tolist() for _ in range(rows)]
@@ -103,6 +98,7 @@ def main() -> int:
     p.add_argument("--passes", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
     from benchmarks.bench_gpu import MEDIUM, MINI, TINY, git_head
+    from benchmarks.machine import print_result
 
     raw = TINY if args.tiny else (MEDIUM if args.config == "medium" else MINI)
     workload = TINY_WORKLOAD if args.tiny else WORKLOAD
@@ -123,12 +119,7 @@ def main() -> int:
               "workload": workload, "commit": git_head(), "rows": rows,
               # Compilation the warm start saves: cold minus warm wall time.
               "warm_saving_s": cold["wall_s"] - warm["wall_s"]}
-    line = json.dumps(result)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "bench_compile.json"), "w") as f:
-            f.write(line + "\n")
-    print(line)
+    print_result(result, args.out, "bench_compile.json")
     return 0
 
 

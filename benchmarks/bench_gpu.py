@@ -49,6 +49,8 @@ import numpy as np
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
+from benchmarks.machine import print_result  # noqa: E402
+
 BW_TBS = 2.97  # issue 6: device-to-device copy on the H100, read + write
 PEAK_TFLOPS = 806.0  # issue 6: bf16 8192^3 matmul on the H100
 NEW = 64  # generated tokens budgeted per row (the prompt is ctx - NEW)
@@ -129,6 +131,22 @@ def git_head() -> str:
         return "unknown"
 
 
+def random_model(config):
+    """(graphdef, params): random bf16 weights made on the device by one jitted init, so nothing
+    crosses from the host."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from phi3_jax.api import abstract_model
+    from phi3_jax.model import Phi3ForCausalLM
+
+    graphdef, _ = abstract_model(config, jnp.bfloat16)
+    params = jax.jit(lambda: nnx.split(
+        Phi3ForCausalLM(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))[1])()
+    return graphdef, jax.block_until_ready(params)
+
+
 def emit(row: dict) -> None:
     print("CASE " + json.dumps(row), flush=True)
 
@@ -140,23 +158,17 @@ def emit(row: dict) -> None:
 def run_jax(raw: dict, cases: list, deadline: float) -> None:
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
     from phi3_jax import generate as gen
-    from phi3_jax.api import Phi3, abstract_model
+    from phi3_jax.api import Phi3
     from phi3_jax.attention import decode_impl, prefill_impl
     from phi3_jax.config import Phi3Config
-    from phi3_jax.model import Phi3ForCausalLM
 
     config = Phi3Config.from_hf(dict(raw, model_type="phi3"))
     c = counts(raw)
     device = jax.devices()[0]
     t0 = time.perf_counter()
-    graphdef, _ = abstract_model(config, jnp.bfloat16)
-    # Random weights made on the device itself: nothing crosses from the host.
-    params = jax.jit(lambda: nnx.split(
-        Phi3ForCausalLM(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))[1])()
-    jax.block_until_ready(params)
+    graphdef, params = random_model(config)
     emit({"engine": "phi3-jax", "case": "init", "s": time.perf_counter() - t0,
           "device": device.device_kind, "jax": jax.__version__,
           "prefill_attention": prefill_impl(jnp.bfloat16), "decode_attention": decode_impl()})
@@ -531,11 +543,7 @@ def main() -> int:
               "bw_tbs": BW_TBS, "peak_tflops": PEAK_TFLOPS, "new": NEW, "steps": STEPS,
               "chunks": CHUNKS, "counts": counts(raw), "ratios": ratios(rows), "rows": rows,
               "wall_s": time.perf_counter() - start}
-    line = json.dumps(result)
-    if args.out:
-        with open(os.path.join(args.out, "bench_gpu.json"), "w") as f:
-            f.write(line + "\n")
-    print(line)
+    print_result(result, args.out, "bench_gpu.json")
     errors = [r for r in rows if "error" in r]
     return 1 if args.tiny and errors else 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 
 
@@ -15,3 +17,13 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def print_result(result: dict, out_dir: str | None, filename: str) -> None:
+    """Prints the benchmark's final JSON line; with `out_dir`, also saves it there."""
+    line = json.dumps(result)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, filename), "w") as f:
+            f.write(line + "\n")
+    print(line)

@@ -23,8 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.bench_gpu import MINI
-from benchmarks.profile_decode import make_params
+from benchmarks.bench_gpu import MINI, random_model
 from phi3_jax import attention
 from phi3_jax import generate as gen
 from phi3_jax.config import Phi3Config
@@ -32,7 +31,7 @@ from phi3_jax.config import Phi3Config
 
 def main() -> int:
     config = Phi3Config(**dict(MINI, eos_token_id=(MINI["eos_token_id"],)))
-    graphdef, params = make_params(config)
+    graphdef, params = random_model(config)
     sampler, stop, pad = gen.make_sampler(0.0), jnp.full((8,), -1, jnp.int32), jnp.asarray(0)
     rows = []
 

@@ -35,13 +35,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from benchmarks.bench_gpu import BW_TBS, MINI, NEW, TINY, counts, decode_bytes
+from benchmarks.bench_gpu import BW_TBS, MINI, NEW, TINY, counts, decode_bytes, random_model
+from benchmarks.machine import print_result
 from phi3_jax import generate as gen
-from phi3_jax.api import abstract_model
 from phi3_jax.config import Phi3Config
-from phi3_jax.model import Phi3ForCausalLM
 
 
 def trace_events(log_dir: str) -> list[dict]:
@@ -84,13 +82,6 @@ def summarise(kernels: list[dict], steps: int, top: int = 25) -> list[dict]:
                  share=sum(v) / total if total else 0.0) for name, v in by_name.items()]
     rows.sort(key=lambda r: -r["us_per_step"])
     return rows[:top]
-
-
-def make_params(config: Phi3Config):
-    graphdef, _ = abstract_model(config, jnp.bfloat16)
-    params = jax.jit(lambda: nnx.split(
-        Phi3ForCausalLM(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))[1])()
-    return graphdef, jax.block_until_ready(params)
 
 
 def decode_profile(raw: dict, graphdef, params, batch: int, ctx: int, steps: int,
@@ -219,7 +210,7 @@ def main() -> int:
     raw = TINY if args.tiny else MINI
     ctx = 128 if args.tiny else args.ctx
     config = Phi3Config(**dict(raw, eos_token_id=(raw["eos_token_id"],)))
-    graphdef, params = make_params(config)
+    graphdef, params = random_model(config)
     result = {"bench": "profile_decode", "device": jax.devices()[0].device_kind,
               "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
               "decode": [], "gemv": [], "prefill": None}
@@ -246,11 +237,7 @@ def main() -> int:
         for r in result["gemv"]:
             print(f"{r['weight']:8} {r['order']:7} {r['batch']:>3} {r['us_per_matrix']:10.1f} "
                   f"{r['tb_s']:6.2f} {100 * r['frac_bw']:6.1f}")
-    line = json.dumps(result)
-    if args.out:
-        with open(os.path.join(args.out, "profile_decode.json"), "w") as f:
-            f.write(line + "\n")
-    print(line)
+    print_result(result, args.out, "profile_decode.json")
     return 0
 
 
