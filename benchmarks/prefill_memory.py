@@ -1,86 +1,86 @@
-"""Diagnosis (GPU): compiled memory of the generator's prefill under each attention path, and
-batch-64 decode with the einsum vs the block-diagonal matmul attention (Phi-3-mini, bf16).
+"""Diagnosis (GPU): compiled memory of the generator's prefill (Phi-3-mini shapes, bf16), per
+attention path, with and without the per-layer barrier of model.hidden_states.
 
-The prefill rows only compile (`memory_analysis`), so a variant that would not fit still
-reports its size; "cudnn" forces the fused kernel past attention.CUDNN_PREFILL_MAX_TOKENS.
-The attention choice is made at trace time, so jax's caches are cleared between variants (the
-first recorded run, stop 9, missed this and its cuDNN rows repeated the XLA trace).
+Compile only, on abstract parameters (nothing is allocated, so a variant that would not fit
+still reports its size): temporaries and outputs (the cache) from `memory_analysis`, and the
+temporaries per prompt token per layer. "cudnn" forces the fused kernel past
+attention.CUDNN_PREFILL_MAX_TOKENS. The attention choice and the barrier are read at trace time,
+so jax's caches are cleared between variants.
 
-    python benchmarks/prefill_memory.py
+    python benchmarks/prefill_memory.py [--layers 8] [--out DIR]    # GPU
+    python benchmarks/prefill_memory.py --tiny                      # CPU smoke run
+
 Prints one line per case, then one JSON line.
 """
 
 from __future__ import annotations
 
-import json
+import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from benchmarks.bench_gpu import MINI, random_model
+from benchmarks.bench_gpu import MINI, TINY
+from benchmarks.machine import print_result
 from phi3_jax import attention
 from phi3_jax import generate as gen
+from phi3_jax.api import abstract_model
 from phi3_jax.config import Phi3Config
+
+# (B, T, S): the batches that ran out of memory with cuDNN in stop 9, and long single prompts.
+CASES = [(64, 960, 1024), (16, 4096, 4096), (1, 32768, 32768), (1, 114688, 131072)]
+TINY_CASES = [(2, 32, 64), (1, 64, 64)]
+
+
+def prefill_memory(config: Phi3Config, B: int, T: int, S: int) -> dict:
+    graphdef, params = abstract_model(config, jnp.bfloat16)
+    i32 = jax.ShapeDtypeStruct((B, T), jnp.int32)
+    plan = gen._Plan(cache_len=S, always_long=False, reprefill=False)
+    compiled = gen._prefill.lower(
+        graphdef, params, i32, i32, jax.ShapeDtypeStruct((B,), jnp.int32), gen.make_sampler(0.0),
+        jax.ShapeDtypeStruct((8,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
+        jax.ShapeDtypeStruct((), jnp.uint32), plan=plan).compile()
+    m = compiled.memory_analysis()
+    return dict(temp_gib=m.temp_size_in_bytes / 2**30, out_gib=m.output_size_in_bytes / 2**30,
+                temp_kib_per_token_layer=m.temp_size_in_bytes / 1024 / (B * T)
+                / config.num_hidden_layers)
 
 
 def main() -> int:
-    config = Phi3Config(**dict(MINI, eos_token_id=(MINI["eos_token_id"],)))
-    graphdef, params = random_model(config)
-    sampler, stop, pad = gen.make_sampler(0.0), jnp.full((8,), -1, jnp.int32), jnp.asarray(0)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--layers", type=int, default=8, help="decoder layers (memory per layer)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    raw = TINY if args.tiny else MINI
+    config = Phi3Config(**dict(raw, eos_token_id=(raw["eos_token_id"],),
+                               num_hidden_layers=args.layers))
+    impls = ("xla",) if args.tiny else ("xla", "cudnn")
+    real_prefill, real_barrier = attention.prefill_impl, jax.lax.optimization_barrier
     rows = []
-
-    def prefill_args(B, T, S):
-        tokens = jnp.asarray(np.random.RandomState(0).randint(3, 32000, (B, T)), jnp.int32)
-        pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        plan = gen._Plan(cache_len=S, always_long=False, reprefill=False)
-        return (graphdef, params, tokens, pos, jnp.full((B,), S, jnp.int32), sampler, stop, pad,
-                jnp.asarray(0, jnp.uint32)), plan
-
-    real_prefill = attention.prefill_impl
-    for impl in ("xla", "cudnn"):
-        os.environ[attention.ATTENTION_ENV] = "xla"
-        attention.prefill_impl = lambda dtype, batch=1, length=1, impl=impl: impl
-        jax.clear_caches()
-        for B, T, S in ((64, 960, 1024), (8, 2048, 2048), (1, 2048, 2112)):
-            args, plan = prefill_args(B, T, S)
-            m = gen._prefill.lower(*args, plan=plan).compile().memory_analysis()
-            row = dict(case="prefill", impl=impl, B=B, T=T, S=S,
-                       temp_gib=m.temp_size_in_bytes / 2**30,
-                       out_gib=m.output_size_in_bytes / 2**30)
-            rows.append(row)
-            print(row, flush=True)
-    attention.prefill_impl = real_prefill
-    jax.clear_caches()
-    args, plan = prefill_args(64, 960, 1024)
-    real = attention.decode_impl
-    for impl in ("einsum", "matmul"):
-        state = gen._prefill(*args, plan=plan)
-        attention.decode_impl = lambda batch=1, impl=impl: impl
-        jax.clear_caches()
-
-        def decode(state, end):
-            return gen._decode(graphdef, params, state, sampler, stop, pad,
-                               jnp.asarray(end, jnp.int32), plan=plan)
-
-        m = gen._decode.lower(graphdef, params, state, sampler, stop, pad,
-                              jnp.asarray(2, jnp.int32), plan=plan).compile().memory_analysis()
-        state = jax.block_until_ready(decode(state, 2))
-        t = time.perf_counter()
-        state = jax.block_until_ready(decode(state, 18))
-        row = dict(case="decode", impl=impl, B=64, ctx=1024,
-                   ms=(time.perf_counter() - t) / 16 * 1e3,
-                   temp_gib=m.temp_size_in_bytes / 2**30)
-        rows.append(row)
-        print(row, flush=True)
-        del state
-    attention.decode_impl = real
-    print(json.dumps({"bench": "prefill_memory", "rows": rows}))
+    try:
+        for impl in impls:
+            attention.prefill_impl = lambda dtype, batch=1, length=1, impl=impl: impl
+            for barrier in (True, False):
+                jax.lax.optimization_barrier = real_barrier if barrier else (lambda x: x)
+                jax.clear_caches()
+                for B, T, S in TINY_CASES if args.tiny else CASES:
+                    row = dict(impl=impl, barrier=barrier, B=B, T=T, S=S,
+                               layers=args.layers)
+                    try:
+                        row.update(prefill_memory(config, B, T, S))
+                    except Exception as e:  # a compile that fails still says why
+                        row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                    rows.append(row)
+                    print(row, flush=True)
+    finally:
+        attention.prefill_impl, jax.lax.optimization_barrier = real_prefill, real_barrier
+    print_result({"bench": "prefill_memory", "device": jax.devices()[0].device_kind,
+                  "jax": jax.__version__, "rows": rows}, args.out, "prefill_memory.json")
     return 0
 
 

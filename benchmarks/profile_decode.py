@@ -179,12 +179,18 @@ def gemv_bandwidth(raw: dict, batch: int, layers: int) -> list[dict]:
     for name, (n_in, n_out) in shapes.items():
         n = 1 if name == "head" else layers
         x = jax.random.normal(key, (batch, n_in), jnp.bfloat16)
-        for order in ("in_out", "out_in"):
-            shape = (n_in, n_out) if order == "in_out" else (n_out, n_in)
+        # "rows2": x with a zero row appended (in_out order), as attention does for o_proj at
+        # one token: XLA then emits a matmul instead of a multiply + reduction.
+        for order in ("in_out", "out_in") + (("rows2",) if batch == 1 else ()):
+            shape = (n_out, n_in) if order == "out_in" else (n_in, n_out)
             ws = [jax.random.normal(jax.random.fold_in(key, i), shape, jnp.bfloat16)
                   for i in range(n)]
-            spec = "bi,io->bo" if order == "in_out" else "bi,oi->bo"
-            f = jax.jit(lambda x, ws, spec=spec: [jnp.einsum(spec, x, w) for w in ws])
+            spec = "bi,oi->bo" if order == "out_in" else "bi,io->bo"
+            if order == "rows2":
+                f = jax.jit(lambda x, ws: [jnp.einsum("bi,io->bo", jnp.concatenate(
+                    [x, jnp.zeros_like(x)]), w)[:1] for w in ws])
+            else:
+                f = jax.jit(lambda x, ws, spec=spec: [jnp.einsum(spec, x, w) for w in ws])
             jax.block_until_ready(f(x, ws))
             ts = []
             for _ in range(10):

@@ -211,4 +211,10 @@ class Attention(nnx.Module):
             else:
                 out = dot_product_attention(q, k, v, mask)  # [B, T, K, G, H]
         out = out.reshape(B, T, -1, out.shape[-1])  # [B, T, N, H]
+        if B * T == 1 and _choice() == "fast":
+            # XLA's GPU simplifier turns a vector-matrix product whose operands hold under 10M
+            # elements into a multiply + column reduction: Phi-3-mini's 3072 x 3072 o_proj ran
+            # at 37% of bandwidth (17 us per layer on the H100). A second (zero) row makes it a
+            # matrix product, which the matmul kernels read at full speed.
+            return self.o_proj(jnp.concatenate([out, jnp.zeros_like(out)]))[:1], kv
         return self.o_proj(out), kv

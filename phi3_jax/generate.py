@@ -463,9 +463,13 @@ def _launch(model: Phi3, request: _Request, steps_per_sync: int
         limits[i] = len(row) + budget
     rs = config.rope_scaling
     always_long = request.rope_policy == "always_long" and rs is not None
-    # A row can cross only if a slot can hold position original_max (positions <= slots); this
-    # depends on the cache bucket alone, so it adds no compiled variant.
-    reprefill = not always_long and rs is not None and rs.original_max_position_embeddings < S
+    # Only a row that starts at or below original_max and may grow past it can cross. Without
+    # one, the decode loop has no re-prefill branch: none to compile (at a 100k-token prompt
+    # its XLA attention over every slot could not even be compiled) and no lax.cond per step.
+    # At most two compiled decode variants per bucket.
+    reprefill = not always_long and rs is not None and any(
+        len(row) <= rs.original_max_position_embeddings < limit
+        for row, limit in zip(request.prompts, limits.tolist(), strict=False))
     plan = _Plan(cache_len=S, always_long=always_long, reprefill=reprefill, mesh=mesh,
                  steps_per_sync=steps_per_sync)
     stop_ids = jax.device_put(request.stop_ids)

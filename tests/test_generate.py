@@ -163,6 +163,22 @@ def test_cached_logits_equal_full_forward(longrope_model, window_model, lengths)
     assert crossed or len(lengths) == 1
 
 
+def test_reprefill_is_compiled_only_when_a_row_can_cross(longrope_model, monkeypatch):
+    """The re-prefill branch is traced only for batches with a row that starts at or below
+    original_max and may grow past it (a prompt already past it needs none)."""
+    model, ref = longrope_model
+    traced = []
+    real = gen._reprefill
+    monkeypatch.setattr(gen, "_reprefill", lambda *a: traced.append(a) or real(*a))
+    gen._decode.clear_cache()
+    past = _prompt(ORIGINAL_MAX + 4, seed=40)
+    [out] = model.generate(past, max_new_tokens=6)
+    assert not traced
+    assert out.token_ids == _hf_greedy(ref, past, new=6)
+    model.generate([past, _prompt(ORIGINAL_MAX - 2, seed=41)], max_new_tokens=6)
+    assert traced
+
+
 def test_always_long_equals_long_factor_forward(longrope_model):
     """The "always long" policy: every position uses the long factors, so the cached logits
     equal a full forward forced to long factors, and no re-prefill happens."""
