@@ -3,9 +3,8 @@ attention path, with and without the per-layer barrier of model.hidden_states.
 
 Compile only, on abstract parameters (nothing is allocated, so a variant that would not fit
 still reports its size): temporaries and outputs (the cache) from `memory_analysis`, and the
-temporaries per prompt token per layer. "cudnn" forces the fused kernel past
-attention.CUDNN_PREFILL_MAX_TOKENS. The attention choice and the barrier are read at trace time,
-so jax's caches are cleared between variants.
+temporaries per prompt token per layer. Each variant forces its attention path; the choice and
+the barrier are read at trace time, so jax's caches are cleared between variants.
 
     python benchmarks/prefill_memory.py [--layers 8] [--out DIR]    # GPU
     python benchmarks/prefill_memory.py --tiny                      # CPU smoke run
@@ -64,7 +63,7 @@ def main() -> int:
     rows = []
     try:
         for impl in impls:
-            attention.prefill_impl = lambda dtype, batch=1, length=1, impl=impl: impl
+            attention.prefill_impl = lambda dtype, impl=impl: impl
             for barrier in (True, False):
                 jax.lax.optimization_barrier = real_barrier if barrier else (lambda x: x)
                 jax.clear_caches()

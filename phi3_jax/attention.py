@@ -21,11 +21,11 @@ Three attention computations, one contract (mask semantics of `attention_mask`):
   batch 1, 14.5 vs 16.0 ms at batch 64. It spends K times the minimal FLOPs, which tensor
   cores absorb and a CPU would not.
 
-A batched prefill uses cuDNN only up to CUDNN_PREFILL_MAX_TOKENS (B*T): on the H100 the
-generator's prefill ran at 8 x 2048 tokens but ran out of memory at 64 x 960 and 16 x 4096 with
-cuDNN, where the XLA path had fit. Not yet diagnosed (benchmarks/RESULTS.md); past the bound a
-batch takes the XLA path. A single row always takes cuDNN: it ran at 2048 tokens, and for long
-prompts the XLA path's T x T scores cannot fit at all.
+Prefill memory: the fused kernel needs no [T, S] scores, and model.hidden_states makes each
+layer's cache write complete before the next layer starts (without that, XLA held every
+layer's keys and values until the end of the prefill, and cuDNN prefills of 64 x 960 and
+16 x 4096 tokens ran out of memory on the H100; benchmarks/prefill_memory.py). So every bf16/fp16
+prefill on a GPU takes the fused kernel, batched or not.
 
 PHI3_JAX_ATTENTION selects: "auto" (default: the fast paths on GPU, XLA elsewhere), "xla"
 (the reference everywhere) or "fast" (the fast paths on any backend; cuDNN needs a GPU). It
@@ -48,7 +48,6 @@ from phi3_jax.params import Einsum
 from phi3_jax.rope import apply_rotary
 
 ATTENTION_ENV = "PHI3_JAX_ATTENTION"
-CUDNN_PREFILL_MAX_TOKENS = 16384  # the largest batched prefill run with cuDNN (8 x 2048)
 FUSED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # Set by the generator while it traces a decode step whose KV heads are split over a mesh axis:
 # the block-diagonal decode matmul would contract over the split axis (an all-reduce per layer).
@@ -136,13 +135,11 @@ def _choice() -> str:
     return choice
 
 
-def prefill_impl(dtype: jnp.dtype, batch: int = 1, length: int = 1) -> str:
-    """"cudnn" or "xla": the attention of a prompt prefill of `batch` rows of `length` tokens
-    in `dtype`. fp32 always takes the XLA path: cuDNN's fused attention has no fp32 kernel (and
-    fp32 is the reference). See CUDNN_PREFILL_MAX_TOKENS for the bound on batches."""
+def prefill_impl(dtype: jnp.dtype) -> str:
+    """"cudnn" or "xla": the attention of a prompt prefill in `dtype`. fp32 always takes the
+    XLA path: cuDNN's fused attention has no fp32 kernel (and fp32 is the reference)."""
     fast = _choice() == "fast" and jnp.dtype(dtype) in FUSED_DTYPES
-    fits = batch == 1 or batch * length <= CUDNN_PREFILL_MAX_TOKENS
-    return "cudnn" if fast and fits else "xla"
+    return "cudnn" if fast else "xla"
 
 
 def decode_impl() -> str:
@@ -191,7 +188,7 @@ class Attention(nnx.Module):
         k = apply_rotary(qkv[:, :, :, G], cos, sin)  # [B, T, K, H]
         v = qkv[:, :, :, G + 1]  # [B, T, K, H]
         if lengths is not None:
-            if prefill_impl(q.dtype, B, T) == "cudnn":
+            if prefill_impl(q.dtype) == "cudnn":
                 out = causal_attention(q, k, v, lengths, self.sliding_window)
             else:
                 out = dot_product_attention(q, k, v, mask)
