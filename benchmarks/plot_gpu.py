@@ -1,6 +1,10 @@
 """Plots decode tok/s against batch size from bench_gpu.py's JSON line (needs matplotlib).
 
-    python benchmarks/plot_gpu.py RESULT.json benchmarks/gpu_decode.png
+    python benchmarks/plot_gpu.py benchmarks/gpu_decode.png RESULT.json [MORE.json ...]
+
+With several results, each series comes from the last file that has it (for example this
+stop's phi3-jax rows over an earlier run's transformers rows); the title names every source.
+A file is a bench_gpu JSON line, or a JSON object whose "bench_rows" holds {"commit", "rows"}.
 """
 
 from __future__ import annotations
@@ -19,22 +23,38 @@ SERIES = [("phi3-jax", "decode_tight", "phi3-jax (cache = context)"),
           ("transformers", "eager_decode", "transformers eager SDPA")]
 
 
-def main(src: str, dst: str, ctx: int = 1024) -> None:
-    with open(src) as f:
-        result = json.loads(f.read().strip().splitlines()[-1])
+def load(path: str) -> dict:
+    with open(path) as f:
+        text = f.read().strip()
+    try:
+        result = json.loads(text)
+    except json.JSONDecodeError:
+        result = json.loads(text.splitlines()[-1])
+    return result.get("bench_rows", result)
+
+
+def main(dst: str, sources: list[str], ctx: int = 1024) -> None:
+    results = [load(src) for src in sources]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    used = []
     for engine, case, label in SERIES:
-        points = sorted((r["batch"], r["tok_s"]) for r in result["rows"]
-                        if r.get("engine") == engine and r.get("case") == case
-                        and r.get("ctx") == ctx and "tok_s" in r)
-        if points:
-            ax.plot(*zip(*points, strict=True), marker="o", label=label)
+        for result in reversed(results):
+            points = sorted((r["batch"], r["tok_s"]) for r in result["rows"]
+                            if r.get("engine") == engine and r.get("case") == case
+                            and r.get("ctx") == ctx and "tok_s" in r)
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=label)
+                used.append(f"{engine} {result['commit']}")
+                break
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("batch size")
     ax.set_ylabel("decode tokens/s")
-    ax.set_title(f"Phi-3-mini bf16 decode, {ctx}-token context, H100 (commit {result['commit']})",
-                 fontsize=9)
+    commits = sorted({u.split()[-1] for u in used})
+    ax.set_title(f"Phi-3-mini bf16 decode, {ctx}-token context, H100\n(runs: "
+                 + "; ".join(f"{c}: " + ", ".join(dict.fromkeys(
+                     u.split()[0] for u in used if u.endswith(c))) for c in commits) + ")",
+                 fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -42,4 +62,4 @@ def main(src: str, dst: str, ctx: int = 1024) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2:])

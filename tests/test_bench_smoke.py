@@ -98,3 +98,22 @@ def test_bench_compile_tiny_run():
     assert cold["programs"] > 0 and cold["from_cache"] == 0
     assert steady["programs"] == 0
     assert warm["programs"] == warm["from_cache"] == cold["programs"]
+
+
+def test_prefill_memory_tiny_run(tmp_path):
+    """prefill_memory.py's CPU run: compile-only memory of the prefill with and without the
+    per-layer barrier, on abstract parameters; the barrier never costs memory."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "prefill_memory.py"),
+                           "--tiny", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
+    assert rows and not [r for r in rows if "error" in r]
+    by_case = {}
+    for r in rows:
+        by_case.setdefault((r["B"], r["T"]), {})[r["barrier"]] = r
+    for case in by_case.values():
+        assert case[True]["out_gib"] == case[False]["out_gib"] > 0
+        assert case[True]["temp_gib"] <= case[False]["temp_gib"]
+    assert (tmp_path / "prefill_memory.json").exists()
