@@ -193,26 +193,23 @@ def run_jax(raw: dict, cases: list, deadline: float) -> None:
         tokens = jnp.asarray(prompts(batch, T))
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (batch, T))
         limits = jnp.full((batch,), T + NEW, jnp.int32)
-        plan = gen._Plan(cache_len=S, always_long=False, reprefill=False,
-                         steps_per_sync=gen.STEPS_PER_SYNC)
+        plan = gen._Plan(cache_len=S, always_long=False, reprefill=False)
         return gen._prefill(graphdef, params, tokens, positions, limits, sampler, stop_ids,
                             pad_id, jnp.asarray(0, jnp.uint32), plan=plan), plan
 
     def time_decode(state, decode) -> tuple[float, float, int]:
-        # The loop runs whole chunks of STEPS_PER_SYNC steps (which divides STEPS) from step 1.
-        warm = 1 + gen.STEPS_PER_SYNC
         t = time.perf_counter()
-        state = decode(state, warm)  # compiles
+        state = decode(state, 2)  # compiles
         jax.block_until_ready(state)
         compile_s = time.perf_counter() - t
         chunks = []
         for i in range(CHUNKS):
             t = time.perf_counter()
-            state = decode(state, warm + (i + 1) * STEPS)
+            state = decode(state, 2 + (i + 1) * STEPS)
             jax.block_until_ready(state)
             chunks.append((time.perf_counter() - t) / STEPS)
         steps = int(state.step)
-        assert steps == warm + CHUNKS * STEPS, f"decode stopped at step {steps}"
+        assert steps == 2 + CHUNKS * STEPS, f"decode stopped early at step {steps}"
         return float(np.median(chunks)), compile_s, steps
 
     for kind, batch, ctx in cases:
@@ -235,19 +232,19 @@ def run_jax(raw: dict, cases: list, deadline: float) -> None:
 
                 ms, row["decode_compile_s"], steps = time_decode(state, decode)
                 slots = ctx
-                filled = P + 1 + gen.STEPS_PER_SYNC + CHUNKS * STEPS / 2
+                filled = P + 2 + CHUNKS * STEPS / 2
             elif kind == "decode_generate":
                 P = ctx - NEW
                 request = gen._prepare(model, prompts(batch, P).tolist(), max_new_tokens=NEW)
                 request.stop_ids[:] = -1
                 t = time.perf_counter()
-                state, decode, Tp, _ = gen._launch(model, request, gen.STEPS_PER_SYNC)
+                state, decode, Tp, _ = gen._launch(model, request)
                 jax.block_until_ready(state)
                 row["prefill_first_s"] = time.perf_counter() - t
                 slots = state.tokens.shape[1]
                 row["prompt_bucket"] = Tp
                 ms, row["decode_compile_s"], steps = time_decode(state, decode)
-                filled = P + 1 + gen.STEPS_PER_SYNC + CHUNKS * STEPS / 2
+                filled = P + 2 + CHUNKS * STEPS / 2
             elif kind == "prefill":
                 t = time.perf_counter()
                 state, _ = prefill_direct(batch, ctx, ctx)
@@ -271,28 +268,28 @@ def run_jax(raw: dict, cases: list, deadline: float) -> None:
                 request = gen._prepare(model, prompts(batch, ctx).tolist(), max_new_tokens=NEW)
                 request.stop_ids[:] = -1
                 t = time.perf_counter()
-                state, _, _, _ = gen._launch(model, request, gen.STEPS_PER_SYNC)
+                state, _, _, _ = gen._launch(model, request)
                 jax.block_until_ready(state.tokens)
                 row["compile_s"] = time.perf_counter() - t
                 del state
                 t = time.perf_counter()
-                state, decode, Tp, _ = gen._launch(model, request, gen.STEPS_PER_SYNC)
+                state, decode, Tp, _ = gen._launch(model, request)
                 jax.block_until_ready(state.tokens)
                 row.update(prefill_ms=1e3 * (time.perf_counter() - t), prompt_bucket=Tp,
                            peak_gib=peak_gib())
                 slots = state.tokens.shape[1]
                 ms, row["decode_compile_s"], steps = time_decode(state, decode)
-                filled = ctx + 1 + gen.STEPS_PER_SYNC + CHUNKS * STEPS / 2
+                filled = ctx + 2 + CHUNKS * STEPS / 2
             elif kind == "ttft":
                 request = gen._prepare(model, prompts(batch, ctx).tolist(), max_new_tokens=NEW)
                 t = time.perf_counter()
-                state, _, _, _ = gen._launch(model, request, gen.STEPS_PER_SYNC)
+                state, _, _, _ = gen._launch(model, request)
                 jax.block_until_ready(state.tokens)
                 row["compile_s"] = time.perf_counter() - t
                 times = []
                 for _ in range(3):
                     t = time.perf_counter()
-                    state, _, _, _ = gen._launch(model, request, gen.STEPS_PER_SYNC)
+                    state, _, _, _ = gen._launch(model, request)
                     jax.block_until_ready(state.tokens)
                     times.append(time.perf_counter() - t)
                 row.update(ms=1e3 * float(np.median(times)), cache_slots=state.tokens.shape[1],

@@ -107,7 +107,7 @@ def model_checks() -> list[dict]:
             jax.clear_caches()  # the switch is read at trace time
             with jax.default_matmul_precision("highest" if dtype == jnp.float32 else None):
                 request = gen._prepare(model, prompts, max_new_tokens=24, temperature=0.0)
-                state, _, _, _ = gen._launch(model, request, 1)
+                state, _, _, _ = gen._launch(model, request)
                 logits = np.asarray(state.logits)[:len(prompts)]
                 tokens = [c.token_ids for c in model.generate(prompts, max_new_tokens=24,
                                                               temperature=0.0)]

@@ -85,16 +85,13 @@ def summarise(kernels: list[dict], steps: int, top: int = 25) -> list[dict]:
 
 
 def decode_profile(raw: dict, graphdef, params, batch: int, ctx: int, steps: int,
-                   out_dir: str | None, steps_per_sync: int = gen.STEPS_PER_SYNC,
-                   hlo: bool = False) -> dict:
-    """Times and traces the decode loop; `steps` (a multiple of steps_per_sync) per timing."""
+                   out_dir: str | None, hlo: bool = False) -> dict:
     c = counts(raw)
     rs = np.random.RandomState(0)
     P = ctx - NEW
     tokens = jnp.asarray(rs.randint(3, raw["vocab_size"] - 1, (batch, P)).astype(np.int32))
     positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (batch, P))
-    plan = gen._Plan(cache_len=ctx, always_long=False, reprefill=False,
-                     steps_per_sync=steps_per_sync)
+    plan = gen._Plan(cache_len=ctx, always_long=False, reprefill=False)
     sampler = gen.make_sampler(0.0)
     stop_ids = jnp.full((8,), -1, jnp.int32)
     pad_id = jnp.asarray(0, jnp.int32)
@@ -106,13 +103,13 @@ def decode_profile(raw: dict, graphdef, params, batch: int, ctx: int, steps: int
         return gen._decode(graphdef, params, state, sampler, stop_ids, pad_id,
                            jnp.asarray(end, jnp.int32), plan=plan)
 
-    if hlo and out_dir:  # the optimised program, to see how XLA lowered each matmul
+    if hlo and out_dir:  # the optimised program: how XLA lowered each matmul
         text = gen._decode.lower(graphdef, params, state, sampler, stop_ids, pad_id,
                                  jnp.asarray(2, jnp.int32), plan=plan).compile().as_text()
         with open(os.path.join(out_dir, f"decode_B{batch}.hlo.txt"), "w") as f:
             f.write(text)
-    done = 1 + steps_per_sync
-    state = jax.block_until_ready(decode(state, done))  # compile
+    state = jax.block_until_ready(decode(state, 2))  # compile
+    done = 2
     times = []
     for _ in range(3):
         t = time.perf_counter()
@@ -130,13 +127,11 @@ def decode_profile(raw: dict, graphdef, params, batch: int, ctx: int, steps: int
     threads = collections.Counter(f"{e['proc']} | {e['thread']}" for e in events)
     if out_dir:
         for f in glob.glob(os.path.join(log_dir, "**", "*.trace.json.gz"), recursive=True):
-            os.replace(f, os.path.join(
-                out_dir, f"decode_B{batch}_ctx{ctx}_k{steps_per_sync}.trace.json.gz"))
+            os.replace(f, os.path.join(out_dir, f"decode_B{batch}_ctx{ctx}.trace.json.gz"))
     ms = float(np.median(times)) * 1e3
-    filled = P + 1 + steps_per_sync + steps * 2
+    filled = P + 2 + steps * 2
     need, _ = decode_bytes(c, batch, filled, ctx)
-    return dict(batch=batch, ctx=ctx, steps_per_sync=steps_per_sync, ms=ms,
-                kernel_busy_ms=busy / 1e3,
+    return dict(batch=batch, ctx=ctx, ms=ms, kernel_busy_ms=busy / 1e3,
                 kernels_per_step=len(kernels) / steps, frac_bw=need / (ms / 1e3) / (BW_TBS * 1e12),
                 floor_ms=need / (BW_TBS * 1e12) * 1e3, top=summarise(kernels, steps, top=14),
                 threads=dict(threads.most_common(12)))
@@ -219,8 +214,6 @@ def main() -> int:
     p.add_argument("--ctx", type=int, default=1024)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--no-gemv", action="store_true")
-    p.add_argument("--steps-per-sync", type=int, nargs="+", default=[gen.STEPS_PER_SYNC],
-                   help="decode steps per loop iteration (one profile per value)")
     p.add_argument("--hlo", action="store_true", help="write the compiled decode HLO to --out")
     p.add_argument("--prefill", type=int, nargs=2, metavar=("B", "T"), default=None,
                    help="also profile one prefill of B x T tokens")
@@ -233,13 +226,10 @@ def main() -> int:
     result = {"bench": "profile_decode", "device": jax.devices()[0].device_kind,
               "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
               "decode": [], "gemv": [], "prefill": None}
-    for b, k in [(b, k) for b in args.batch for k in args.steps_per_sync]:
-        steps = -(-args.steps // k) * k
-        r = decode_profile(raw, graphdef, params, b, ctx, steps, args.out, k,
-                           args.hlo and k == args.steps_per_sync[-1])
+    for b in args.batch:
+        r = decode_profile(raw, graphdef, params, b, ctx, args.steps, args.out, args.hlo)
         result["decode"].append(r)
-        print(f"\ndecode B={b} ctx={ctx} steps/sync {k}: {r['ms']:.3f} ms/step "
-              f"(floor {r['floor_ms']:.3f}, "
+        print(f"\ndecode B={b} ctx={ctx}: {r['ms']:.3f} ms/step (floor {r['floor_ms']:.3f}, "
               f"{100 * r['frac_bw']:.1f}% of BW), kernels busy {r['kernel_busy_ms']:.3f} ms, "
               f"{r['kernels_per_step']:.0f} kernels/step")
         print_top(r["top"])

@@ -14,11 +14,7 @@ used for streaming.
 
 Host syncs. Without streaming or stop strings the whole generation is one `lax.while_loop`
 that ends when every row is done (or at max_new_tokens). Streaming syncs after every token and
-stop strings every STOP_CHECK_EVERY tokens, since both need text on the host. The loop itself
-runs whole chunks of `steps_per_sync` steps (an inner loop of known trip count): on GPUs XLA
-copies a while loop's predicate to the host and waits for it before every iteration, so a
-one-step body drains the GPU once per token. Steps after every row is done are wasted (at most
-steps_per_sync - 1 per call) but harmless: finished rows only write padding.
+stop strings every STOP_CHECK_EVERY tokens, since both need text on the host.
 
 LongRoPE (spec section 2). Policy "per_sequence" (default) gives each row the factors
 transformers gives that sequence alone: short while its length is <= original_max, long after.
@@ -55,7 +51,6 @@ if TYPE_CHECKING:
 
 ROPE_POLICIES = ("per_sequence", "always_long")
 STOP_CHECK_EVERY = 8  # decode steps between host checks for stop strings
-STEPS_PER_SYNC = 8  # decode steps per loop-predicate sync when nothing needs the host sooner
 BUCKETS_PER_OCTAVE = 4  # prompt and cache lengths: at most 25% padding, 4 shapes per octave
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -105,7 +100,6 @@ class _Plan:
     always_long: bool
     reprefill: bool  # whether a row can cross original_max in this run (per_sequence only)
     mesh: jax.sharding.Mesh | None = None
-    steps_per_sync: int = 1  # decode steps per loop iteration (see the module docstring)
 
 
 def enable_compilation_cache(directory: str | os.PathLike) -> None:
@@ -214,26 +208,19 @@ def _reprefill(model: Any, tokens: jax.Array, crossing: jax.Array, logits: jax.A
 def _decode(graphdef: nnx.GraphDef, params: nnx.State, state: SamplingState, sampler: Sampler,
             stop_ids: jax.Array, pad_id: jax.Array, end_step: jax.Array,
             plan: _Plan) -> SamplingState:
-    """Decodes whole chunks of plan.steps_per_sync steps while a row is live, `end_step` tokens
-    have not been generated and the chunk fits in the cache. So a call may pass end_step by up
-    to steps_per_sync - 1 steps; callers that need it exact use chunks that divide it."""
+    """Decodes until every row is done or `end_step` tokens have been generated."""
     model = nnx.merge(graphdef, params)
     S = state.tokens.shape[1]
-    K = plan.steps_per_sync
     split = plan.mesh is not None and sharding.heads_split(model.config, plan.mesh)
 
     def running(state: SamplingState) -> jax.Array:
-        return ~jnp.all(state.done) & (state.step < end_step) & (state.cache.index + K < S)
+        return ~jnp.all(state.done) & (state.step < end_step) & (state.cache.index + 1 < S)
 
-    def step(_, state: SamplingState) -> SamplingState:
+    def body(state: SamplingState) -> SamplingState:
         return _decode_step(model, state, sampler, stop_ids, pad_id, plan)
 
-    def chunk(state: SamplingState) -> SamplingState:
-        # Static bounds: XLA knows the trip count and runs the inner loop without host syncs.
-        return jax.lax.fori_loop(0, K, step, state)
-
     with attention.heads_split(split):
-        return jax.lax.while_loop(running, chunk, state)
+        return jax.lax.while_loop(running, body, state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,16 +431,13 @@ def batch_shapes(rows: int, prompt_len: int, budget: int,
     return B, Tp, S
 
 
-def _launch(model: Phi3, request: _Request, steps_per_sync: int
-            ) -> tuple[SamplingState, Callable, int, int]:
+def _launch(model: Phi3, request: _Request) -> tuple[SamplingState, Callable, int, int]:
     """Pads and buckets the batch, runs the prefill; returns the state, a `decode(state,
     end_step)` closure, the bucketed prompt length Tp and the real batch size."""
     config = model.config
     mesh = model.mesh
     n = len(request.prompts)
-    # A live row may start a chunk on its last token: the cache holds steps_per_sync - 1 more.
-    B, Tp, S = batch_shapes(n, max(len(p) for p in request.prompts),
-                            max(request.budgets) + steps_per_sync - 1, mesh)
+    B, Tp, S = batch_shapes(n, max(len(p) for p in request.prompts), max(request.budgets), mesh)
     tokens = np.zeros((B, Tp), np.int32)
     positions = np.full((B, Tp), -1, np.int32)
     limits = np.zeros((B,), np.int32)
@@ -470,8 +454,7 @@ def _launch(model: Phi3, request: _Request, steps_per_sync: int
     reprefill = not always_long and rs is not None and any(
         len(row) <= rs.original_max_position_embeddings < limit
         for row, limit in zip(request.prompts, limits.tolist(), strict=False))
-    plan = _Plan(cache_len=S, always_long=always_long, reprefill=reprefill, mesh=mesh,
-                 steps_per_sync=steps_per_sync)
+    plan = _Plan(cache_len=S, always_long=always_long, reprefill=reprefill, mesh=mesh)
     stop_ids = jax.device_put(request.stop_ids)
     # Host scalars go in as numpy values: jnp.asarray would compile a conversion program.
     pad_id = np.int32(request.pad_id)
@@ -493,7 +476,7 @@ def _put(array: np.ndarray, mesh: jax.sharding.Mesh | None) -> jax.Array:
 
 
 def _collect_fast(model: Phi3, request: _Request) -> list[Completion]:
-    state, decode, Tp, _ = _launch(model, request, STEPS_PER_SYNC)
+    state, decode, Tp, _ = _launch(model, request)
     state = decode(state, request.max_new_tokens)
     tokens, lengths = sharding.to_host(state.tokens), sharding.to_host(state.lengths)
     out = []
@@ -558,7 +541,7 @@ class _RowText:
 def _stream(model: Phi3, request: _Request, stops: tuple[str, ...],
             chunk: int) -> Iterator[StreamChunk]:
     """Runs the generation in chunks of `chunk` tokens, yielding each row's new output."""
-    state, decode, Tp, n = _launch(model, request, chunk)
+    state, decode, Tp, n = _launch(model, request)
     tokenizer = model.tokenizer
     stop_ids = set(request.stop_ids.tolist())
     texts = [_RowText(tokenizer, stops) if tokenizer is not None else None for _ in range(n)]

@@ -132,7 +132,7 @@ def test_repetition_penalty_matches_transformers(window_model):
 def _stepwise_logits(model, prompts, **kwargs):
     """Runs the generator one token at a time; yields (step, generated ids per row, logits)."""
     request = gen._prepare(model, prompts, max_new_tokens=NEW, **kwargs)
-    state, decode, Tp, n = gen._launch(model, request, 1)
+    state, decode, Tp, n = gen._launch(model, request)
     for step in range(1, NEW + 1):
         tokens, lengths = np.asarray(state.tokens), np.asarray(state.lengths)
         done = np.asarray(state.done)
@@ -214,30 +214,10 @@ def test_rows_stop_on_their_own_eos_and_stay_padded(longrope_model):
     assert stopped[1].token_ids == ids1[:cut]
     # On the device, the finished row holds pad ids after its eos and never changes again.
     request = gen._prepare(model, prompts, max_new_tokens=NEW, stop_token_ids=[eos])
-    state, decode, Tp, _ = gen._launch(model, request, gen.STEPS_PER_SYNC)
+    state, decode, Tp, _ = gen._launch(model, request)
     state = decode(state, NEW)
     tail = np.asarray(state.tokens)[0, Tp + j + 1:Tp + NEW]
     assert (tail == request.pad_id).all() and bool(np.asarray(state.done)[0])
-
-
-@pytest.mark.parametrize("steps_per_sync", [1, 5])
-def test_steps_per_sync_changes_nothing(longrope_model, monkeypatch, steps_per_sync):
-    """The decode loop's chunks (STEPS_PER_SYNC steps per host sync) are invisible: rows that
-    stop on eos mid-chunk, the LongRoPE re-prefill inside a chunk and the last token of the
-    budget give the same tokens for every chunk size, and the step count overshoots by less
-    than one chunk. 5 divides neither the budget nor the eos steps."""
-    model, _ = longrope_model
-    prompts = [_prompt(n, seed=30 + n) for n in (4, 21, 9)]
-    free = model.generate(prompts, max_new_tokens=NEW)
-    eos = free[0].token_ids[7]  # row 0 stops at its 8th token, the others wherever it occurs
-    want = model.generate(prompts, max_new_tokens=NEW, stop_token_ids=[eos])
-    monkeypatch.setattr(gen, "STEPS_PER_SYNC", steps_per_sync)
-    assert model.generate(prompts, max_new_tokens=NEW) == free
-    assert model.generate(prompts, max_new_tokens=NEW, stop_token_ids=[eos]) == want
-    request = gen._prepare(model, prompts, max_new_tokens=NEW)
-    state, decode, _, _ = gen._launch(model, request, steps_per_sync)
-    state = decode(state, NEW)
-    assert NEW <= int(state.step) < NEW + steps_per_sync
 
 
 def test_max_new_tokens_and_context_limit(longrope_model):
