@@ -117,8 +117,9 @@ class Phi3ForCausalLM(nnx.Module):
                 if tokens.shape[1] > 1:
                     # The next layer waits for this layer's cache write. Unforced, XLA's GPU
                     # scheduler left every layer's write to the end of a prefill, holding all
-                    # layers' keys and values at once (~25 KiB per token per layer for
-                    # Phi-3-mini: 90 GB for a 100k prompt, where the cache itself is 48 GB).
+                    # layers' keys and values at once: 22-30 KiB of temporaries per token per
+                    # layer for Phi-3-mini against 8 with the barrier (H100), and 138 GiB
+                    # asked for a 100k-token prompt (benchmarks/prefill_memory.py).
                     x, kv = jax.lax.optimization_barrier((x, kv))
                 new_k.append(kv[0])
                 new_v.append(kv[1])
