@@ -189,18 +189,31 @@ def _decode_step(model: Any, state: SamplingState, sampler: Sampler, stop_ids: j
 def _reprefill(model: Any, tokens: jax.Array, crossing: jax.Array, logits: jax.Array,
                cache: KVCache) -> tuple[jax.Array, KVCache]:
     """Recomputes the cache over all slots (the rows' default factors: long for the rows whose
-    length just passed original_max) and takes it, and the newest logits, for those rows."""
+    length just passed original_max) and takes it, and the newest logits, for those rows.
+
+    The cache has holes (empty slots between a short prompt and the shared output slots), so
+    each row is first gathered into position order: a right-padded sequence, which the prompt
+    prefill takes, fused causal kernel included. A plain pass over the slots would build
+    [S, S] scores per head, which at a long-context bucket cannot fit."""
     B, S = tokens.shape
-    slot = cache.index - 1  # the token just fed
+    positions = cache.positions  # [B, S]: each row's positions 0..len-1 in some slots, else -1
+    order = jnp.argsort(jnp.where(positions >= 0, positions, S), axis=1)  # [B, S]
+    lengths = jnp.sum(positions >= 0, axis=1, dtype=jnp.int32)  # [B]
     fresh = KVCache.init(model.config, B, S, cache.k[0].dtype)
-    x, full = model.hidden_states(tokens, cache.positions, fresh)  # [B, S, D]
-    x = jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=1)  # [B, 1, D]
-    new_logits = model.head.attend(x)[:, 0]  # [B, V]
-    pick = crossing[:, None, None, None]
+    x, full = model.hidden_states(jnp.take_along_axis(tokens, order, axis=1),
+                                  jnp.take_along_axis(positions, order, axis=1), fresh,
+                                  prefill_lengths=lengths)  # [B, S, D], position order
+    last = jnp.maximum(lengths - 1, 0)[:, None, None]  # the token just fed: the last position
+    new_logits = model.head.attend(jnp.take_along_axis(x, last, axis=1))[:, 0]  # [B, V]
+    back = jnp.argsort(order, axis=1)[:, :, None, None]  # position order -> slot order
+
+    def take(new: jax.Array, old: jax.Array) -> jax.Array:
+        return jnp.where(crossing[:, None, None, None],
+                         jnp.take_along_axis(new, back, axis=1), old)
+
     cache = dataclasses.replace(
-        cache,
-        k=tuple(jnp.where(pick, new, old) for new, old in zip(full.k, cache.k, strict=True)),
-        v=tuple(jnp.where(pick, new, old) for new, old in zip(full.v, cache.v, strict=True)))
+        cache, k=tuple(take(new, old) for new, old in zip(full.k, cache.k, strict=True)),
+        v=tuple(take(new, old) for new, old in zip(full.v, cache.v, strict=True)))
     return jnp.where(crossing[:, None], new_logits, logits), cache
 
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY
+from conftest import TINY, longrope
 from flax import nnx
 
 from phi3_jax import attention
@@ -158,12 +158,15 @@ def test_decode_attention_bf16():
     assert np.abs(got - ref).max() <= bound
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_generate_fast_paths_match_reference(monkeypatch, dtype):
+@pytest.mark.parametrize("dtype,case", [("float32", "window"), ("bfloat16", "window"),
+                                        ("float32", "longrope")])
+def test_generate_fast_paths_match_reference(monkeypatch, dtype, case):
     """generate() with the fast paths gives the tokens of the reference paths, on a padded GQA
-    batch with a sliding window, and the fast paths ran: one causal kernel call per layer in the
-    prefill, decode_attention in the decode loop. The "kernel" is jax's XLA implementation of
-    the same call, poisoned with NaN in the padding rows it is free to leave unspecified."""
+    batch with a sliding window, or with LongRoPE rows that cross original_max (the re-prefill
+    gathers each row's slots into a padded sequence for the kernel), and the fast paths ran:
+    one causal kernel call per layer in the prefill, decode_attention in the decode loop. The
+    "kernel" is jax's XLA implementation of the same call, poisoned with NaN in the padding
+    rows it is free to leave unspecified."""
     calls = {"kernel": 0, "decode": 0}
     real_kernel, real_decode = jax.nn.dot_product_attention, attention.decode_attention
 
@@ -178,8 +181,10 @@ def test_generate_fast_paths_match_reference(monkeypatch, dtype):
         calls["decode"] += 1
         return real_decode(*args)
 
+    extra = (dict(sliding_window=6) if case == "window" else
+             dict(longrope(8, 16), max_position_embeddings=64))  # 11 + 10 tokens cross 16
     config = Phi3Config.from_hf(dict(TINY, model_type="phi3", num_attention_heads=8,
-                                     num_key_value_heads=2, sliding_window=6))
+                                     num_key_value_heads=2, **extra))
     module = Phi3ForCausalLM(config, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(3))
     graphdef, params = nnx.split(module)
     model = Phi3(config, graphdef, params, generation_config={})
@@ -198,7 +203,8 @@ def test_generate_fast_paths_match_reference(monkeypatch, dtype):
     got = [c.token_ids for c in model.generate(prompts, max_new_tokens=10, temperature=0.0)]
     [got_one] = model.generate(prompts[0], max_new_tokens=10, temperature=0.0)
     jax.clear_caches()
-    assert calls["kernel"] == 2 * config.num_hidden_layers  # two prefills
+    # Two prefills, and with LongRoPE the re-prefill of each compiled decode loop.
+    assert calls["kernel"] == (2 if case == "window" else 4) * config.num_hidden_layers
     assert calls["decode"] >= config.num_hidden_layers
     if dtype == "float32":
         assert got == ref and got_one.token_ids == ref_one.token_ids
