@@ -461,8 +461,7 @@ def _launch(model: Phi3, request: _Request) -> tuple[SamplingState, Callable, in
     rs = config.rope_scaling
     always_long = request.rope_policy == "always_long" and rs is not None
     # Only a row that starts at or below original_max and may grow past it can cross. Without
-    # one, the decode loop has no re-prefill branch: none to compile (at a 100k-token prompt
-    # its XLA attention over every slot could not even be compiled) and no lax.cond per step.
+    # one, the decode loop has no re-prefill branch: none to compile, and no lax.cond per step.
     # At most two compiled decode variants per bucket.
     reprefill = not always_long and rs is not None and any(
         len(row) <= rs.original_max_position_embeddings < limit
