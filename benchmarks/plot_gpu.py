@@ -36,7 +36,7 @@ def load(path: str) -> dict:
 def main(dst: str, sources: list[str], ctx: int = 1024) -> None:
     results = [load(src) for src in sources]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    used = []
+    sources: dict[str, list[str]] = {}  # commit -> engines plotted from that run
     for engine, case, label in SERIES:
         for result in reversed(results):
             points = sorted((r["batch"], r["tok_s"]) for r in result["rows"]
@@ -44,16 +44,16 @@ def main(dst: str, sources: list[str], ctx: int = 1024) -> None:
                             and r.get("ctx") == ctx and "tok_s" in r)
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", label=label)
-                used.append(f"{engine} {result['commit']}")
+                engines = sources.setdefault(result["commit"], [])
+                if engine not in engines:
+                    engines.append(engine)
                 break
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("batch size")
     ax.set_ylabel("decode tokens/s")
-    commits = sorted({u.split()[-1] for u in used})
-    ax.set_title(f"Phi-3-mini bf16 decode, {ctx}-token context, H100\n(runs: "
-                 + "; ".join(f"{c}: " + ", ".join(dict.fromkeys(
-                     u.split()[0] for u in used if u.endswith(c))) for c in commits) + ")",
+    runs = "; ".join(f"{commit}: {', '.join(engines)}" for commit, engines in sources.items())
+    ax.set_title(f"Phi-3-mini bf16 decode, {ctx}-token context, H100\n(runs: {runs})",
                  fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)

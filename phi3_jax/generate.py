@@ -464,8 +464,8 @@ def _launch(model: Phi3, request: _Request) -> tuple[SamplingState, Callable, in
     # one, the decode loop has no re-prefill branch: none to compile, and no lax.cond per step.
     # At most two compiled decode variants per bucket.
     reprefill = not always_long and rs is not None and any(
-        len(row) <= rs.original_max_position_embeddings < limit
-        for row, limit in zip(request.prompts, limits.tolist(), strict=False))
+        len(row) <= rs.original_max_position_embeddings < len(row) + budget
+        for row, budget in zip(request.prompts, request.budgets, strict=True))
     plan = _Plan(cache_len=S, always_long=always_long, reprefill=reprefill, mesh=mesh)
     stop_ids = jax.device_put(request.stop_ids)
     # Host scalars go in as numpy values: jnp.asarray would compile a conversion program.
