@@ -7,12 +7,19 @@ max_new_tokens NEW) runs through the public `generate()` three times:
   2. again in the same process: what a warmed-up server pays (must compile nothing);
   3. warm start: a second fresh process on the same cache DIR.
 Each pass reports its wall time, the XLA programs it built (jax.monitoring's backend_compile
-events, with their summed duration) and how many of those came from the persistent cache.
+events, with their summed duration), how many of those came from the persistent cache, and the
+time spent tracing to jaxprs and lowering to StableHLO: a warm start pays both for every program,
+since the cache key is a hash of the lowered module.
 Random bf16 weights are made on the device first (not counted; that init program is compiled
 once per process).
 
     python benchmarks/bench_compile.py [--config mini|medium] [--out DIR]   # GPU
     python benchmarks/bench_compile.py --tiny                               # CPU smoke run
+    python benchmarks/bench_compile.py --trace-only [--config ...]          # any backend
+
+--trace-only times the host side alone, at the real shapes on abstract parameters (nothing is
+allocated or compiled): tracing and lowering each program of the workload, the part of a warm
+start that is Python (best of --repeats, jax's caches cleared before each).
 
 Prints a table, then one JSON line.
 """
@@ -52,10 +59,15 @@ def run_passes(raw: dict, workload: list, cache_dir: str, passes: int) -> list[d
                for rows, n in workload]
     compiles: list[float] = []
     hits: list[str] = []
+    # Top-level traces only (jax logs nested ones with no event), so the sums do not overlap.
+    stages = {"/jax/core/compile/jaxpr_trace_duration": [],
+              "/jax/core/compile/jaxpr_to_mlir_module_duration": []}
 
     def listener(name, duration, **kwargs):
         if name == "/jax/core/compile/backend_compile_duration":
             compiles.append(duration)
+        elif name in stages:
+            stages[name].append(duration)
 
     def counter(name, **kwargs):
         if name == "/jax/compilation_cache/cache_hits":
@@ -67,16 +79,60 @@ def run_passes(raw: dict, workload: list, cache_dir: str, passes: int) -> list[d
     for _ in range(passes):
         compiles.clear()
         hits.clear()
+        for durations in stages.values():
+            durations.clear()
         t = time.perf_counter()
         for batch in prompts:
             model.generate(batch, max_new_tokens=NEW, temperature=0.0, stop_token_ids=[],
                            compilation_cache=cache_dir)
         # A program loaded from the persistent cache also reports a (short) backend compile.
         out.append(dict(wall_s=time.perf_counter() - t, programs=len(compiles),
-                        from_cache=len(hits), compile_s=sum(compiles)))
+                        from_cache=len(hits), compile_s=sum(compiles),
+                        trace_s=sum(stages["/jax/core/compile/jaxpr_trace_duration"]),
+                        lower_s=sum(stages["/jax/core/compile/jaxpr_to_mlir_module_duration"])))
     jax.monitoring.unregister_event_duration_listener(listener)
     jax.monitoring.unregister_event_listener(counter)
     return out
+
+
+def trace_only(raw: dict, workload: list, repeats: int) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+
+    from phi3_jax import generate as gen
+    from phi3_jax.api import abstract_model
+    from phi3_jax.config import Phi3Config
+
+    config = Phi3Config.from_hf(dict(raw, model_type="phi3"))
+    graphdef, params = abstract_model(config, jnp.bfloat16)
+    sampler = gen.make_sampler(0.0)
+    i32 = jax.ShapeDtypeStruct((), jnp.int32)
+    rows = []
+    for n, prompt_len in workload:
+        B, Tp, S = gen.batch_shapes(n, prompt_len, NEW)
+        plan = gen._Plan(cache_len=S, always_long=False, reprefill=False)
+        ids = jax.ShapeDtypeStruct((B, Tp), jnp.int32)
+        prefill_args = (graphdef, params, ids, ids, jax.ShapeDtypeStruct((B,), jnp.int32),
+                        sampler, jax.ShapeDtypeStruct((8,), jnp.int32), i32,
+                        jax.ShapeDtypeStruct((), jnp.uint32))
+        state = jax.eval_shape(lambda *a, plan=plan: gen._prefill(*a, plan=plan), *prefill_args)
+        programs = {"prefill": (gen._prefill, prefill_args),
+                    "decode": (gen._decode, (graphdef, params, state, sampler,
+                                             jax.ShapeDtypeStruct((8,), jnp.int32), i32, i32))}
+        for name, (fn, fn_args) in programs.items():
+            best = None
+            for _ in range(repeats):
+                jax.clear_caches()
+                t0 = time.perf_counter()
+                traced = fn.trace(*fn_args, plan=plan)
+                t1 = time.perf_counter()
+                traced.lower()
+                t2 = time.perf_counter()
+                if best is None or t2 - t0 < best[0] + best[1]:
+                    best = (t1 - t0, t2 - t1)
+            rows.append(dict(program=name, B=B, T=Tp if name == "prefill" else 1, S=S,
+                             trace_s=best[0], lower_s=best[1]))
+    return rows
 
 
 def child(args: argparse.Namespace, cache_dir: str, passes: int) -> list[dict]:
@@ -94,6 +150,9 @@ def main() -> int:
     p.add_argument("--tiny", action="store_true", help="small config on the CPU")
     p.add_argument("--config", choices=["mini", "medium"], default="mini")
     p.add_argument("--out", default=None)
+    p.add_argument("--trace-only", action="store_true",
+                   help="time tracing and lowering only, at real shapes (any backend)")
+    p.add_argument("--repeats", type=int, default=3, help="--trace-only: best of N")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--passes", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -105,16 +164,30 @@ def main() -> int:
     if args.child:
         print(json.dumps(run_passes(raw, workload, args.child, args.passes)))
         return 0
+    if args.trace_only:
+        import jax
+
+        rows = trace_only(raw, workload, args.repeats)
+        print(f"{'program':8} {'B':>3} {'T':>5} {'S':>5} {'trace s':>8} {'lower s':>8}")
+        for r in rows:
+            print(f"{r['program']:8} {r['B']:3d} {r['T']:5d} {r['S']:5d} {r['trace_s']:8.3f} "
+                  f"{r['lower_s']:8.3f}")
+        result = {"bench": "compile_trace_only", "tiny": args.tiny, "config": args.config,
+                  "backend": jax.default_backend(), "new": NEW, "commit": git_head(),
+                  "rows": rows, "total_s": sum(r["trace_s"] + r["lower_s"] for r in rows)}
+        print_result(result, args.out, "bench_compile_trace.json")
+        return 0
     with tempfile.TemporaryDirectory(prefix="phi3_jax_cc_") as cache_dir:
         cold, steady = child(args, cache_dir, passes=2)
         (warm,) = child(args, cache_dir, passes=1)
     rows = [dict(run="cold start (empty cache)", **cold),
             dict(run="same process again", **steady),
             dict(run="warm start (persistent cache)", **warm)]
-    print(f"{'run':32} {'wall s':>8} {'programs':>9} {'from cache':>10} {'compile s':>10}")
+    print(f"{'run':32} {'wall s':>8} {'programs':>9} {'from cache':>10} {'compile s':>10} "
+          f"{'trace s':>8} {'lower s':>8}")
     for r in rows:
         print(f"{r['run']:32} {r['wall_s']:8.2f} {r['programs']:9d} {r['from_cache']:10d} "
-              f"{r['compile_s']:10.2f}")
+              f"{r['compile_s']:10.2f} {r['trace_s']:8.2f} {r['lower_s']:8.2f}")
     result = {"bench": "compile", "tiny": args.tiny, "config": args.config, "new": NEW,
               "workload": workload, "commit": git_head(), "rows": rows,
               # Compilation the warm start saves: cold minus warm wall time.

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import os
 from collections.abc import Iterator
 
@@ -147,6 +148,23 @@ def decode_impl() -> str:
     return "matmul" if _choice() == "fast" and not _heads_split.get() else "einsum"
 
 
+@dataclasses.dataclass(frozen=True)
+class Paths:
+    """The computations a traced call takes, fixed before the model is traced and passed down as
+    a static argument: a layer traced once must not read the environment (or the heads_split
+    context) behind its jit cache key."""
+
+    prefill: str  # prefill_impl: "cudnn" or "xla"
+    decode: str  # decode_impl: "matmul" or "einsum"
+    two_row_gemv: bool  # one-token o_proj as a two-row matmul (see Attention.__call__)
+
+
+def select_paths(dtype: jnp.dtype) -> Paths:
+    """The Paths for activations in `dtype`, from PHI3_JAX_ATTENTION and the heads_split context."""
+    return Paths(prefill=prefill_impl(dtype), decode=decode_impl(),
+                 two_row_gemv=_choice() == "fast")
+
+
 @contextlib.contextmanager
 def heads_split(split: bool) -> Iterator[None]:
     """While tracing under this context with split=True, decode keeps the einsum form, which
@@ -172,6 +190,7 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
                  kv: tuple[jax.Array, jax.Array] | None = None,
                  index: jax.Array | None = None, lengths: jax.Array | None = None,
+                 paths: Paths | None = None,
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """x [B, T, D]; cos/sin [B, T, d]; mask [B, T, S].
 
@@ -179,16 +198,18 @@ class Attention(nnx.Module):
         index .. index + T - 1 of kv ([B, S, K, H] each) and attention reads all S slots, except
         for a prompt prefill (`lengths` [B] given): the cache is empty and the rows are
         right-padded (row b's tokens at its first lengths[b] slots), so attention reads only the
-        T new keys (mask [B, T, T]) and the causal kernel applies.
+        T new keys (mask [B, T, T]) and the causal kernel applies. `paths` defaults to
+        select_paths(x.dtype).
         """
         B, T, _ = x.shape
+        paths = paths if paths is not None else select_paths(x.dtype)
         qkv = self.qkv_proj(x)  # [B, T, K, G + 2, H]
         G = qkv.shape[3] - 2
         q = apply_rotary(qkv[:, :, :, :G], cos, sin)  # [B, T, K, G, H]
         k = apply_rotary(qkv[:, :, :, G], cos, sin)  # [B, T, K, H]
         v = qkv[:, :, :, G + 1]  # [B, T, K, H]
         if lengths is not None:
-            if prefill_impl(q.dtype) == "cudnn":
+            if paths.prefill == "cudnn":
                 out = causal_attention(q, k, v, lengths, self.sliding_window)
             else:
                 out = dot_product_attention(q, k, v, mask)
@@ -204,12 +225,12 @@ class Attention(nnx.Module):
             if lengths is None:
                 k, v = k_cache, v_cache
         if lengths is None:
-            if T == 1 and kv is not None and decode_impl() == "matmul":
+            if T == 1 and kv is not None and paths.decode == "matmul":
                 out = decode_attention(q, k, v, mask)
             else:
                 out = dot_product_attention(q, k, v, mask)  # [B, T, K, G, H]
         out = out.reshape(B, T, -1, out.shape[-1])  # [B, T, N, H]
-        if B * T == 1 and _choice() == "fast":
+        if B * T == 1 and paths.two_row_gemv:
             # XLA's GPU simplifier turns a vector-matrix product whose operands hold under 10M
             # elements into a multiply + column reduction: Phi-3-mini's 3072 x 3072 o_proj ran
             # at 37% of bandwidth (17 us per layer on the H100). A second (zero) row makes it a

@@ -164,7 +164,7 @@ def test_generate_fast_paths_match_reference(monkeypatch, dtype, case):
     """generate() with the fast paths gives the tokens of the reference paths, on a padded GQA
     batch with a sliding window, or with LongRoPE rows that cross original_max (the re-prefill
     gathers each row's slots into a padded sequence for the kernel), and the fast paths ran:
-    one causal kernel call per layer in the prefill, decode_attention in the decode loop. The
+    the causal kernel in the prefill, decode_attention in the decode loop. The
     "kernel" is jax's XLA implementation of the same call, poisoned with NaN in the padding
     rows it is free to leave unspecified."""
     calls = {"kernel": 0, "decode": 0}
@@ -203,10 +203,55 @@ def test_generate_fast_paths_match_reference(monkeypatch, dtype, case):
     got = [c.token_ids for c in model.generate(prompts, max_new_tokens=10, temperature=0.0)]
     [got_one] = model.generate(prompts[0], max_new_tokens=10, temperature=0.0)
     jax.clear_caches()
-    # Two prefills, and with LongRoPE the re-prefill of each compiled decode loop.
-    assert calls["kernel"] == (2 if case == "window" else 4) * config.num_hidden_layers
-    assert calls["decode"] >= config.num_hidden_layers
+    # One kernel trace per program (the layers share one trace): two prefills, and with
+    # LongRoPE the re-prefill of each compiled decode loop.
+    assert calls["kernel"] == (2 if case == "window" else 4)
+    assert calls["decode"] >= 1
     if dtype == "float32":
         assert got == ref and got_one.token_ids == ref_one.token_ids
     else:  # bf16 reassociation can flip a near-tie; the first tokens must agree
         assert all(g[:2] == r[:2] for g, r in zip(got, ref, strict=True))
+
+
+def test_layers_share_one_trace_keyed_by_the_paths(monkeypatch):
+    """A model call traces its decoder layer once, not once per layer, and that cached trace is
+    keyed by the attention paths: a decode step traced after PHI3_JAX_ATTENTION (or the
+    heads-split context) changes takes the new path, with no cache clearing, and each path's
+    trace is reused, not repeated."""
+    from phi3_jax.cache import KVCache
+    from phi3_jax.model import DecoderLayer
+
+    config = Phi3Config.from_hf(dict(TINY, model_type="phi3", num_hidden_layers=3,
+                                     num_attention_heads=8, num_key_value_heads=2))
+    model = Phi3ForCausalLM(config, rngs=nnx.Rngs(0))
+    calls = {"layer": 0, "decode": 0}
+    real_layer, real_decode = DecoderLayer.__call__, attention.decode_attention
+
+    def counted_layer(*args, **kwargs):
+        calls["layer"] += 1
+        return real_layer(*args, **kwargs)
+
+    def counted_decode(*args):
+        calls["decode"] += 1
+        return real_decode(*args)
+
+    monkeypatch.setattr(DecoderLayer, "__call__", counted_layer)
+    monkeypatch.setattr(attention, "decode_attention", counted_decode)
+    jax.clear_caches()
+    cache = KVCache.init(config, 2, 16, jnp.float32)
+    tokens = jnp.array([[5], [7]], jnp.int32)
+    positions = jnp.zeros((2, 1), jnp.int32)
+
+    def trace() -> None:  # a fresh outer function each time: only the layer's cache can hit
+        jax.eval_shape(lambda: model(tokens, positions, cache))
+
+    trace()
+    assert calls == {"layer": 1, "decode": 0}  # 3 layers, one trace; the XLA reference path
+    monkeypatch.setenv(ATTENTION_ENV, "fast")
+    trace()
+    assert calls == {"layer": 2, "decode": 1}  # a new key: traced again, the matmul decode
+    with heads_split(True):
+        trace()
+    trace()
+    assert calls == {"layer": 3, "decode": 1}  # einsum once more, then the matmul trace reused
+    jax.clear_caches()
