@@ -20,6 +20,7 @@ from phi3_jax.api import Phi3
 from phi3_jax.attention import (
     ATTENTION_ENV,
     attention_mask,
+    blocked_causal_attention,
     causal_attention,
     decode_attention,
     decode_impl,
@@ -113,6 +114,34 @@ def test_causal_attention_bf16():
     valid = np.asarray(pos) >= 0
     # Both accumulate in fp32 and round probabilities and outputs to bf16 (8 bits): outputs are
     # convex combinations of |v| <= max|v|, so two roundings bound the gap.
+    bound = 2 * BF16_ULP * float(jnp.abs(v.astype(jnp.float32)).max())
+    assert np.abs(got[valid] - ref[valid]).max() <= bound
+
+
+@pytest.mark.parametrize("window", [None, 4, 9, 100])
+@pytest.mark.parametrize("T,block", [(12, 4), (13, 4), (12, 5), (12, 12)])
+def test_blocked_causal_attention_matches_reference(window, T, block):
+    """Key blocks with an online softmax, skipped above the diagonal, before the window and
+    past the longest row; T not a multiple of the block; an empty row (length 0)."""
+    q, k, v, lengths, pos = _prefill_qkv(jnp.float32, [T, 7, 1, 0], T=T)
+    ref = np.asarray(dot_product_attention(q, k, v, attention_mask(pos, pos, window)))
+    got = np.asarray(blocked_causal_attention(q, k, v, lengths, window, block))
+    valid = np.asarray(pos) >= 0
+    # fp32 throughout; the online softmax only reorders the sums (a few ulps of O(1) values).
+    np.testing.assert_allclose(got[valid], ref[valid], rtol=1e-5, atol=1e-5)
+    assert (got[~valid] == 0).all()
+    if window == 4:
+        loose = np.asarray(blocked_causal_attention(q, k, v, lengths, None, block))
+        assert np.abs(loose[valid] - ref[valid]).max() > 1e-2
+
+
+def test_blocked_causal_attention_bf16():
+    q, k, v, lengths, pos = _prefill_qkv(jnp.bfloat16, [12, 5])
+    ref = np.asarray(dot_product_attention(q, k, v, attention_mask(pos, pos, 4)), np.float32)
+    got = np.asarray(blocked_causal_attention(q, k, v, lengths, 4, 4), np.float32)
+    valid = np.asarray(pos) >= 0
+    # Both round the (unnormalised here) probabilities and the output to bf16 once each, and
+    # accumulate in fp32: the bound of test_causal_attention_bf16.
     bound = 2 * BF16_ULP * float(jnp.abs(v.astype(jnp.float32)).max())
     assert np.abs(got[valid] - ref[valid]).max() <= bound
 

@@ -116,3 +116,20 @@ def test_prefill_memory_tiny_run(tmp_path):
         assert case[True]["out_gib"] == case[False]["out_gib"] > 0
         assert case[True]["temp_gib"] <= case[False]["temp_gib"]
     assert (tmp_path / "prefill_memory.json").exists()
+
+
+def test_bench_prefill_attention_tiny_run():
+    """bench_prefill_attention.py --tiny: the blocked form agrees with the reference and needs
+    fewer temporaries; every case reports a time."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" /
+                                               "bench_prefill_attention.py"), "--tiny"],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
+    for T in {r["T"] for r in rows}:
+        ref, *blocked = [r for r in rows if r["T"] == T]
+        assert ref["impl"] == "reference" and len(blocked) == 2
+        for r in blocked:
+            assert r["ms"] > 0 and r["max_abs_diff"] < 1e-5
+            assert r["temp_mib"] < ref["temp_mib"]
