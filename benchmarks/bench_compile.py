@@ -100,11 +100,12 @@ def trace_only(raw: dict, workload: list, repeats: int) -> list[dict]:
     import jax.numpy as jnp
 
     from phi3_jax import generate as gen
-    from phi3_jax.api import abstract_model
+    from phi3_jax.api import StaticGraph, abstract_model
     from phi3_jax.config import Phi3Config
 
     config = Phi3Config.from_hf(dict(raw, model_type="phi3"))
     graphdef, params = abstract_model(config, jnp.bfloat16)
+    graph = StaticGraph(graphdef)
     sampler = gen.make_sampler(0.0)
     i32 = jax.ShapeDtypeStruct((), jnp.int32)
     rows = []
@@ -112,12 +113,12 @@ def trace_only(raw: dict, workload: list, repeats: int) -> list[dict]:
         B, Tp, S = gen.batch_shapes(n, prompt_len, NEW)
         plan = gen._Plan(cache_len=S, always_long=False, reprefill=False)
         ids = jax.ShapeDtypeStruct((B, Tp), jnp.int32)
-        prefill_args = (graphdef, params, ids, ids, jax.ShapeDtypeStruct((B,), jnp.int32),
+        prefill_args = (graph, params, ids, ids, jax.ShapeDtypeStruct((B,), jnp.int32),
                         sampler, jax.ShapeDtypeStruct((8,), jnp.int32), i32,
                         jax.ShapeDtypeStruct((), jnp.uint32))
         state = jax.eval_shape(lambda *a, plan=plan: gen._prefill(*a, plan=plan), *prefill_args)
         programs = {"prefill": (gen._prefill, prefill_args),
-                    "decode": (gen._decode, (graphdef, params, state, sampler,
+                    "decode": (gen._decode, (graph, params, state, sampler,
                                              jax.ShapeDtypeStruct((8,), jnp.int32), i32, i32))}
         for name, (fn, fn_args) in programs.items():
             best = None

@@ -194,7 +194,7 @@ def run_jax(raw: dict, cases: list, deadline: float) -> None:
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (batch, T))
         limits = jnp.full((batch,), T + NEW, jnp.int32)
         plan = gen._Plan(cache_len=S, always_long=False, reprefill=False)
-        return gen._prefill(graphdef, params, tokens, positions, limits, sampler, stop_ids,
+        return gen._prefill(model.graph, params, tokens, positions, limits, sampler, stop_ids,
                             pad_id, jnp.asarray(0, jnp.uint32), plan=plan), plan
 
     def time_decode(state, decode) -> tuple[float, float, int]:
@@ -227,7 +227,7 @@ def run_jax(raw: dict, cases: list, deadline: float) -> None:
                 row["prefill_first_s"] = time.perf_counter() - t
 
                 def decode(state, end, plan=plan):
-                    return gen._decode(graphdef, params, state, sampler, stop_ids, pad_id,
+                    return gen._decode(model.graph, params, state, sampler, stop_ids, pad_id,
                                        jnp.asarray(end, jnp.int32), plan=plan)
 
                 ms, row["decode_compile_s"], steps = time_decode(state, decode)

@@ -27,7 +27,7 @@ from benchmarks.bench_gpu import MINI, TINY
 from benchmarks.machine import print_result
 from phi3_jax import attention
 from phi3_jax import generate as gen
-from phi3_jax.api import abstract_model
+from phi3_jax.api import StaticGraph, abstract_model
 from phi3_jax.config import Phi3Config
 
 # (B, T, S): the batches that ran out of memory with cuDNN in stop 9, and long single prompts.
@@ -40,9 +40,10 @@ def prefill_memory(config: Phi3Config, B: int, T: int, S: int) -> dict:
     i32 = jax.ShapeDtypeStruct((B, T), jnp.int32)
     plan = gen._Plan(cache_len=S, always_long=False, reprefill=False)
     compiled = gen._prefill.lower(
-        graphdef, params, i32, i32, jax.ShapeDtypeStruct((B,), jnp.int32), gen.make_sampler(0.0),
-        jax.ShapeDtypeStruct((8,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
-        jax.ShapeDtypeStruct((), jnp.uint32), plan=plan).compile()
+        StaticGraph(graphdef), params, i32, i32, jax.ShapeDtypeStruct((B,), jnp.int32),
+        gen.make_sampler(0.0), jax.ShapeDtypeStruct((8,), jnp.int32),
+        jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.uint32),
+        plan=plan).compile()
     m = compiled.memory_analysis()
     return dict(temp_gib=m.temp_size_in_bytes / 2**30, out_gib=m.output_size_in_bytes / 2**30,
                 temp_kib_per_token_layer=m.temp_size_in_bytes / 1024 / (B * T)

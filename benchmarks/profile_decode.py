@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from benchmarks.bench_gpu import BW_TBS, MINI, NEW, TINY, counts, decode_bytes, random_model
 from benchmarks.machine import print_result
 from phi3_jax import generate as gen
+from phi3_jax.api import StaticGraph
 from phi3_jax.config import Phi3Config
 
 
@@ -84,7 +85,7 @@ def summarise(kernels: list[dict], steps: int, top: int = 25) -> list[dict]:
     return rows[:top]
 
 
-def decode_profile(raw: dict, graphdef, params, batch: int, ctx: int, steps: int,
+def decode_profile(raw: dict, graph, params, batch: int, ctx: int, steps: int,
                    out_dir: str | None, hlo: bool = False) -> dict:
     c = counts(raw)
     rs = np.random.RandomState(0)
@@ -95,16 +96,16 @@ def decode_profile(raw: dict, graphdef, params, batch: int, ctx: int, steps: int
     sampler = gen.make_sampler(0.0)
     stop_ids = jnp.full((8,), -1, jnp.int32)
     pad_id = jnp.asarray(0, jnp.int32)
-    state = gen._prefill(graphdef, params, tokens, positions,
+    state = gen._prefill(graph, params, tokens, positions,
                          jnp.full((batch,), ctx, jnp.int32), sampler, stop_ids, pad_id,
                          jnp.asarray(0, jnp.uint32), plan=plan)
 
     def decode(state, end):
-        return gen._decode(graphdef, params, state, sampler, stop_ids, pad_id,
+        return gen._decode(graph, params, state, sampler, stop_ids, pad_id,
                            jnp.asarray(end, jnp.int32), plan=plan)
 
     if hlo and out_dir:  # the optimised program: how XLA lowered each matmul
-        text = gen._decode.lower(graphdef, params, state, sampler, stop_ids, pad_id,
+        text = gen._decode.lower(graph, params, state, sampler, stop_ids, pad_id,
                                  jnp.asarray(2, jnp.int32), plan=plan).compile().as_text()
         with open(os.path.join(out_dir, f"decode_B{batch}.hlo.txt"), "w") as f:
             f.write(text)
@@ -137,14 +138,14 @@ def decode_profile(raw: dict, graphdef, params, batch: int, ctx: int, steps: int
                 threads=dict(threads.most_common(12)))
 
 
-def prefill_profile(raw: dict, graphdef, params, batch: int, T: int, out_dir: str | None
+def prefill_profile(raw: dict, graph, params, batch: int, T: int, out_dir: str | None
                     ) -> dict:
     """One prefill of B x T tokens (cache of T slots), profiled: where its time goes."""
     rs = np.random.RandomState(0)
     tokens = jnp.asarray(rs.randint(3, raw["vocab_size"] - 1, (batch, T)).astype(np.int32))
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (batch, T))
     plan = gen._Plan(cache_len=T, always_long=False, reprefill=False)
-    args = (graphdef, params, tokens, positions, jnp.full((batch,), T + NEW, jnp.int32),
+    args = (graph, params, tokens, positions, jnp.full((batch,), T + NEW, jnp.int32),
             gen.make_sampler(0.0), jnp.full((8,), -1, jnp.int32), jnp.asarray(0, jnp.int32),
             jnp.asarray(0, jnp.uint32))
     jax.block_until_ready(gen._prefill(*args, plan=plan))
@@ -223,11 +224,12 @@ def main() -> int:
     ctx = 128 if args.tiny else args.ctx
     config = Phi3Config(**dict(raw, eos_token_id=(raw["eos_token_id"],)))
     graphdef, params = random_model(config)
+    graph = StaticGraph(graphdef)
     result = {"bench": "profile_decode", "device": jax.devices()[0].device_kind,
               "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
               "decode": [], "gemv": [], "prefill": None}
     for b in args.batch:
-        r = decode_profile(raw, graphdef, params, b, ctx, args.steps, args.out, args.hlo)
+        r = decode_profile(raw, graph, params, b, ctx, args.steps, args.out, args.hlo)
         result["decode"].append(r)
         print(f"\ndecode B={b} ctx={ctx}: {r['ms']:.3f} ms/step (floor {r['floor_ms']:.3f}, "
               f"{100 * r['frac_bw']:.1f}% of BW), kernels busy {r['kernel_busy_ms']:.3f} ms, "
@@ -236,7 +238,7 @@ def main() -> int:
         if not r["top"]:
             print("  no device kernels in the trace; its threads:", r["threads"])
     if args.prefill:
-        r = prefill_profile(raw, graphdef, params, *args.prefill, args.out)
+        r = prefill_profile(raw, graph, params, *args.prefill, args.out)
         result["prefill"] = r
         print(f"\nprefill {r['batch']}x{r['T']}: {r['ms']:.2f} ms, kernels busy "
               f"{r['kernel_busy_ms']:.2f} ms")

@@ -7,8 +7,9 @@ token of every row, so short rows leave empty slots (position -1) between prompt
 Each row keeps its own positions, which is all the attention mask and RoPE need.
 
 Compilation. Batch size is rounded up to a power of two, prompt and cache lengths to quarter
-octaves (`batch_shapes`), the model's graphdef is static and the parameters, cache and sampler
-numbers are traced, so a new prompt compiles nothing unless it lands in a new bucket. `end_step`
+octaves (`batch_shapes`), the model's graphdef is static (hashed once: api.StaticGraph) and the
+parameters, cache and sampler numbers are traced, so a new prompt compiles nothing unless it
+lands in a new bucket. `end_step`
 is traced too: one compiled loop serves the single run-to-completion call and the chunked calls
 used for streaming.
 
@@ -41,7 +42,7 @@ import numpy as np
 from flax import nnx
 
 from phi3_jax import attention, sharding
-from phi3_jax.api import bucket_length, check_token_ids
+from phi3_jax.api import StaticGraph, bucket_length, check_token_ids
 from phi3_jax.cache import KVCache
 from phi3_jax.config import Phi3Config
 from phi3_jax.sampling import Sampler, make_sampler
@@ -133,12 +134,12 @@ def _record(state: SamplingState, sampler: Sampler, stop_ids: jax.Array, pad_id:
                                logits=logits.astype(jnp.float32), step=state.step + 1)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
-def _prefill(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, positions: jax.Array,
+@functools.partial(jax.jit, static_argnames=("graph", "plan"))
+def _prefill(graph: StaticGraph, params: nnx.State, tokens: jax.Array, positions: jax.Array,
              limits: jax.Array, sampler: Sampler, stop_ids: jax.Array, pad_id: jax.Array,
              seed: jax.Array, plan: _Plan) -> SamplingState:
     """Runs the right-padded prompts tokens/positions [B, Tp] and picks the first new token."""
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(graph.graphdef, params)
     config = model.config
     B, Tp = tokens.shape
     S = plan.cache_len
@@ -217,12 +218,12 @@ def _reprefill(model: Any, tokens: jax.Array, crossing: jax.Array, logits: jax.A
     return jnp.where(crossing[:, None], new_logits, logits), cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "plan"), donate_argnames=("state",))
-def _decode(graphdef: nnx.GraphDef, params: nnx.State, state: SamplingState, sampler: Sampler,
+@functools.partial(jax.jit, static_argnames=("graph", "plan"), donate_argnames=("state",))
+def _decode(graph: StaticGraph, params: nnx.State, state: SamplingState, sampler: Sampler,
             stop_ids: jax.Array, pad_id: jax.Array, end_step: jax.Array,
             plan: _Plan) -> SamplingState:
     """Decodes until every row is done or `end_step` tokens have been generated."""
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(graph.graphdef, params)
     S = state.tokens.shape[1]
     split = plan.mesh is not None and sharding.heads_split(model.config, plan.mesh)
 
@@ -470,12 +471,12 @@ def _launch(model: Phi3, request: _Request) -> tuple[SamplingState, Callable, in
     stop_ids = jax.device_put(request.stop_ids)
     # Host scalars go in as numpy values: jnp.asarray would compile a conversion program.
     pad_id = np.int32(request.pad_id)
-    state = _prefill(model.graphdef, model.params, _put(tokens, mesh), _put(positions, mesh),
+    state = _prefill(model.graph, model.params, _put(tokens, mesh), _put(positions, mesh),
                      _put(limits, mesh), request.sampler, stop_ids, pad_id,
                      np.uint32(request.seed % 2**32), plan=plan)
 
     def decode(state: SamplingState, end_step: int) -> SamplingState:
-        return _decode(model.graphdef, model.params, state, request.sampler, stop_ids, pad_id,
+        return _decode(model.graph, model.params, state, request.sampler, stop_ids, pad_id,
                        np.int32(end_step), plan=plan)
 
     return state, decode, Tp, n

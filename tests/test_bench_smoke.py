@@ -133,3 +133,13 @@ def test_bench_prefill_attention_tiny_run():
         for r in blocked:
             assert r["ms"] > 0 and r["max_abs_diff"] < 1e-5
             assert r["temp_mib"] < ref["temp_mib"]
+
+
+def test_bench_host_tiny_run():
+    """bench_host.py --tiny: every public call is timed."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_host.py"), "--tiny"],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
+    assert len(rows) == 3 and all(r["ms"] > 0 for r in rows)

@@ -336,6 +336,36 @@ def test_compiles_once_per_bucket(tmp_path, count_compiles):
     assert count_compiles == []
 
 
+def test_graphdef_is_hashed_once_and_loads_share_programs(tmp_path, count_compiles,
+                                                          monkeypatch):
+    """jit hashes its static arguments on every call; the model's graphdef (a tree of every
+    layer's nodes) is hashed once, at load, not per prefill, decode chunk or forward pass. A
+    second load of the same architecture makes an equal key and compiles nothing."""
+    from flax import nnx
+
+    path = make_hf_checkpoint(tmp_path / "ckpt", seed=19, num_hidden_layers=3)
+    model = phi3_jax.load(path)
+    prompt = _prompt(9, seed=19)
+    first = model.generate(prompt, max_new_tokens=4, stream=lambda chunk: None)
+    model.logits([prompt])
+    hashes = []
+    real_hash = nnx.graphlib.GraphDef.__hash__
+    monkeypatch.setattr(nnx.graphlib.GraphDef, "__hash__",
+                        lambda self: hashes.append(1) or real_hash(self))
+    model.generate(prompt, max_new_tokens=4, stream=lambda chunk: None)  # 1 + 4 dispatches
+    model.logits([prompt])
+    assert hashes == []
+    count_compiles.clear()
+    again = phi3_jax.load(path)
+    assert again.graph == model.graph and again.graph is not model.graph
+    assert len(hashes) == 1  # its own, once
+    assert again.generate(prompt, max_new_tokens=4, stream=lambda chunk: None) == first
+    assert count_compiles == []
+    # A different architecture is a different key.
+    other = phi3_jax.load(make_hf_checkpoint(tmp_path / "other", seed=19, num_hidden_layers=2))
+    assert other.graph != model.graph
+
+
 def test_bad_requests(longrope_model):
     model, _ = longrope_model
     with pytest.raises(ValueError, match="no tokenizer"):
