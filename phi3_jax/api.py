@@ -76,11 +76,18 @@ class StaticGraph:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _forward(graph: StaticGraph, params: nnx.State, tokens: jax.Array,
-             positions: jax.Array) -> jax.Array:
+def _forward(graph: StaticGraph, params: nnx.State, tokens: jax.Array, lengths: jax.Array,
+             slots: jax.Array) -> jax.Array:
+    """Logits [B, T, V] of right-padded rows (row b's tokens at its first lengths[b] slots of
+    tokens [B, Tb]), placed at the caller's slots [B, T] (-1: a padding slot, zero logits)."""
     model = nnx.merge(graph.graphdef, params)
-    logits, _ = model(tokens, positions)
-    return logits
+    Tb = tokens.shape[1]
+    positions = jnp.where(jnp.arange(Tb)[None, :] < lengths[:, None], jnp.arange(Tb)[None, :],
+                          -1)
+    x, _ = model.hidden_states(tokens, positions, prefill_lengths=lengths)  # [B, Tb, D]
+    x = jnp.take_along_axis(x, jnp.maximum(slots, 0)[:, :, None], axis=1)  # [B, T, D]
+    logits = model.head.attend(x)
+    return jnp.where(slots[:, :, None] >= 0, logits, 0)
 
 
 class Phi3:
@@ -120,7 +127,11 @@ class Phi3:
 
         With an attention_mask (1 = token, 0 = padding; left or right padding), each row's
         positions count only its own tokens, so a row's logits equal those of the row alone;
-        logits at padded positions are meaningless.
+        logits at padded positions are zero.
+
+        Each row's tokens are packed to the front before the model runs, as a prompt prefill:
+        the fused causal kernel on GPUs, and on other backends the blocked attention for rows of
+        1024 tokens or more, so memory grows linearly with the length.
         """
         ids = np.asarray(input_ids)
         if ids.ndim != 2 or ids.shape[1] == 0:
@@ -134,20 +145,23 @@ class Phi3:
         mask = mask.astype(bool)
         check_token_ids(ids[mask], self.config.vocab_size)
         B, T = ids.shape
-        positions = np.where(mask, np.cumsum(mask, axis=1) - 1, -1)
-        if positions.max(initial=-1) >= self.config.max_position_embeddings:
-            raise ValueError(f"a row has {positions.max() + 1} tokens, more than the model's "
+        lengths = mask.sum(axis=1).astype(np.int32)
+        if lengths.max() > self.config.max_position_embeddings:
+            raise ValueError(f"a row has {lengths.max()} tokens, more than the model's "
                              f"max_position_embeddings ({self.config.max_position_embeddings})")
-        # Right-pad to a bucket: padded slots get position -1, which hides them from every real
-        # query (and from the LongRoPE length), so the real logits do not change.
+        # A token's position is its rank among its row's tokens, which is also its slot once the
+        # row is packed; bucketing the length bounds recompiles (the extra slots are padding).
+        slots = np.where(mask, np.cumsum(mask, axis=1) - 1, -1).astype(np.int32)
         Tb = bucket_length(T)
         tokens = np.zeros((B, Tb), np.int32)
-        tokens[:, :T] = np.where(mask, ids, 0)
-        pos = np.full((B, Tb), -1, np.int32)
-        pos[:, :T] = positions
+        out_slots = np.full((B, Tb), -1, np.int32)
+        out_slots[:, :T] = slots
+        rows, cols = np.nonzero(mask)
+        tokens[rows, slots[rows, cols]] = ids[rows, cols]
+        arrays = (tokens, lengths, out_slots)
         if self.mesh is not None:  # data-parallel batch; the same host value on every process
-            tokens, pos = (sharding.shard_batch(a, self.mesh) for a in (tokens, pos))
-        return _forward(self.graph, self.params, jnp.asarray(tokens), jnp.asarray(pos))[:, :T]
+            arrays = tuple(sharding.shard_batch(a, self.mesh) for a in arrays)
+        return _forward(self.graph, self.params, *(jnp.asarray(a) for a in arrays))[:, :T]
 
     def generate(self, prompts: Any, **kwargs: Any) -> Any:
         """Generates from prompts (strings or token-id lists); see phi3_jax.generate.generate."""

@@ -103,9 +103,10 @@ class Phi3ForCausalLM(nnx.Module):
                       ) -> tuple[jax.Array, KVCache | None]:
         """The final normed hidden states [B, T, D]; see __call__ for the other arguments.
 
-        `prefill_lengths` [B] declares a prompt prefill into an empty `cache`, with right-padded
-        rows (row b's positions are 0..len-1 at its first len slots, then -1): attention then
-        reads only the new tokens, through the fused causal kernel where one applies.
+        `prefill_lengths` [B] declares right-padded rows (row b's positions are 0..len-1 at its
+        first len slots, then -1), with no cache or an empty one (a prompt prefill): attention
+        then reads only these tokens, through the fused causal kernel or the blocked attention
+        where one applies.
         """
         config = self.config
         if use_long is None:

@@ -188,6 +188,38 @@ def test_left_padded_batch_matches_each_row_alone(pair, rows, seed):
     assert regimes == {True, False}
 
 
+@pytest.mark.parametrize("rows", PADDED_ROWS, ids=lambda r: "-".join(map(str, r)))
+def test_blocked_attention_logits_match_transformers(pair, rows, monkeypatch):
+    """model.logits packs each row to the front and runs it as a prefill, so long rows take the
+    blocked attention (forced here with 8-token blocks): left padding, per-row LongRoPE
+    regimes and a window of 48 that spans several blocks. Padding slots get zero logits."""
+    from phi3_jax import attention
+
+    monkeypatch.setattr(attention, "PREFILL_BLOCK", 8)
+    calls = []
+    real = attention.blocked_causal_attention
+    monkeypatch.setattr(attention, "blocked_causal_attention",
+                        lambda *a: calls.append(a[-1]) or real(*a))
+    jax.clear_caches()  # the path is chosen at trace time
+    try:
+        p = pair("padded", 0)
+        T = max(rows)
+        tokens = prompt(0, rows, p.ours.config.vocab_size)
+        ids = np.zeros((len(rows), T), np.int64)
+        mask = np.zeros((len(rows), T), np.int64)
+        for i, n in enumerate(rows):
+            ids[i, T - n:] = tokens[i, :n]
+            mask[i, T - n:] = 1
+        ours = np.asarray(p.ours.logits(ids, mask))
+    finally:
+        jax.clear_caches()
+    assert calls == [8]  # one trace of the one layer function
+    for i, n in enumerate(rows):
+        ref = ref_logits(p.ref, tokens[i: i + 1, :n])[0]
+        assert max_diff(ours[i, T - n:], ref) <= TOL, f"row {i} ({n} tokens)"
+        assert not ours[i, :T - n].any()
+
+
 # bfloat16. Unit roundoff u = 2^-8 (8 significant bits). Relative to the fp32 reference, the bf16
 # path rounds ~24 times per layer along any path to a logit: 7 weight matrices and 2 norm
 # scales stored in bf16, and ~15 activations (norm cast and scale, qkv, 4 in the rotation,
