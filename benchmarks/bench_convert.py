@@ -34,6 +34,9 @@ import time
 import numpy as np
 from machine import cpu_model
 
+# The working tree's phi3_jax, not an installed copy (which may be stale).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
 MINI = dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_attention_heads=32,
             num_key_value_heads=32, max_position_embeddings=4096, rope_theta=10000.0,
             rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=(32000,), pad_token_id=32000)

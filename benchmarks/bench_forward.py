@@ -24,11 +24,15 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 
 import numpy as np
 from machine import cpu_model
+
+# The working tree's phi3_jax, not an installed copy (which may be stale).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 CONFIGS = {
     # Phi-3-mini's shape family (MHA, full rotary), scaled down.

@@ -23,10 +23,14 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import time
 
 import numpy as np
+
+# The working tree's phi3_jax, not an installed copy (which may be stale).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 SMALL = dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
              num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
