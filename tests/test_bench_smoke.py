@@ -82,6 +82,19 @@ def test_tiny_long_case():
     assert row["steps"] == 2 + bench_gpu.CHUNKS * bench_gpu.STEPS
 
 
+def test_tiny_prefill_cases():
+    """--cases prefill: batched prefills and time to first token, with and without the
+    per-layer barrier."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--tiny",
+                           "--cases", "prefill"],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])["rows"][1:]
+    assert [r["case"] for r in rows] == ["prefill", "ttft", "ttft_no_barrier"]
+    assert all(r["ms"] > 0 and "error" not in r for r in rows)
+
+
 def test_bench_compile_tiny_run():
     """bench_compile.py --tiny: the cold pass builds programs, the same process then builds
     none, and a fresh process loads every program from the persistent cache."""
