@@ -131,7 +131,7 @@ class Phi3:
 
         Each row's tokens are packed to the front before the model runs, as a prompt prefill:
         the fused causal kernel on GPUs, and on other backends the blocked attention for rows of
-        1024 tokens or more, so memory grows linearly with the length.
+        512 tokens or more, so memory grows linearly with the length.
         """
         ids = np.asarray(input_ids)
         if ids.ndim != 2 or ids.shape[1] == 0:

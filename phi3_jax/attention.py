@@ -9,8 +9,8 @@ parallelism with no resharding between the projection and attention).
 Four attention computations, one contract (mask semantics of `attention_mask`):
 - `dot_product_attention`: the plain XLA reference (fp32 scores and softmax), used for every
   call on CPU and TPU, for fp32, and wherever no faster path applies.
-- `blocked_causal_attention`: the same computation for a long prompt prefill (two blocks or
-  more) on the XLA path, in key blocks with an online softmax: O(T * block) memory instead of
+- `blocked_causal_attention`: the same computation for a prompt prefill of 512 tokens or more
+  on the XLA path, in key blocks with an online softmax: O(T * block) memory instead of
   [B, N, T, T] fp32 scores, and the blocks above the diagonal skipped. Plain XLA, so it serves
   CPUs, TPUs and fp32 alike.
 - `causal_attention`: the prompt prefill of right-padded rows (row b's tokens at slots
@@ -54,11 +54,11 @@ from phi3_jax.params import Einsum
 from phi3_jax.rope import apply_rotary
 
 ATTENTION_ENV = "PHI3_JAX_ATTENTION"
-# Query and key block of blocked_causal_attention, which takes XLA-path prefills of at least two
-# blocks. Phi-3-mini's heads, one row, fp32, 2 CPU cores, against dot_product_attention: 1024
-# tokens 134 vs 296 ms (118 vs 256 MiB), 4096 tokens 1.25 vs 8.55 s (226 MiB vs 4 GiB); 256- and
-# 1024-token blocks were slower. Below two blocks the padded last block costs more than it saves
-# (640 tokens: 151 vs 98 ms).
+# Query and key block of blocked_causal_attention (see prefill_block). Phi-3-mini's heads, one
+# row, fp32, 2 CPU cores, against dot_product_attention: 1024 tokens 134 vs 296 ms (118 vs 256
+# MiB), 4096 tokens 1.25 vs 8.55 s (226 MiB vs 4 GiB); 256- and 1024-token blocks were slower
+# there. From 512 to 1023 tokens, half blocks: 768 tokens 86 vs 140 ms, 8 x 960 1.25 vs 2.27 s
+# (0.5 vs 1.8 GiB), where whole blocks would pad (640 tokens: 151 vs 98 ms).
 PREFILL_BLOCK = 512
 FUSED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # Set by the generator while it traces a decode step whose KV heads are split over a mesh axis:
@@ -112,6 +112,16 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
     # Kernels leave padding queries unspecified (cuDNN may write anything there); zero them, so
     # padding rows stay finite through the layers and in the cache.
     return jnp.where(valid[:, :, None, None], out, 0).reshape(B, T, K, G, H)
+
+
+def prefill_block(T: int) -> int | None:
+    """The block blocked_causal_attention uses for a prefill of T tokens on the XLA path: the
+    largest of PREFILL_BLOCK and its half that gives two blocks or more; None (the reference)
+    below that."""
+    for block in (PREFILL_BLOCK, PREFILL_BLOCK // 2):
+        if 2 * block <= T:
+            return block
+    return None
 
 
 def blocked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
@@ -289,9 +299,9 @@ class Attention(nnx.Module):
         if lengths is not None:
             if paths.prefill == "cudnn":
                 out = causal_attention(q, k, v, lengths, self.sliding_window)
-            elif T >= 2 * PREFILL_BLOCK:
+            elif prefill_block(T) is not None:
                 out = blocked_causal_attention(q, k, v, lengths, self.sliding_window,
-                                               PREFILL_BLOCK)
+                                               prefill_block(T))
             else:
                 out = dot_product_attention(q, k, v, mask)
             # Padding slots hold zeros: never NaN, whatever a kernel left in padding rows.

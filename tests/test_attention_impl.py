@@ -26,6 +26,7 @@ from phi3_jax.attention import (
     decode_impl,
     dot_product_attention,
     heads_split,
+    prefill_block,
     prefill_impl,
 )
 from phi3_jax.config import Phi3Config
@@ -133,6 +134,16 @@ def test_blocked_causal_attention_matches_reference(window, T, block):
     if window == 4:
         loose = np.asarray(blocked_causal_attention(q, k, v, lengths, None, block))
         assert np.abs(loose[valid] - ref[valid]).max() > 1e-2
+
+
+def test_prefill_block_choice(monkeypatch):
+    """Two blocks at least: whole blocks from 2 * PREFILL_BLOCK tokens, half blocks from
+    PREFILL_BLOCK, the reference below."""
+    assert attention.PREFILL_BLOCK == 512
+    assert [prefill_block(T) for T in (16, 511, 512, 1023, 1024, 114688)] == [
+        None, None, 256, 256, 512, 512]
+    monkeypatch.setattr(attention, "PREFILL_BLOCK", 8)
+    assert [prefill_block(T) for T in (7, 8, 15, 16)] == [None, 4, 4, 8]
 
 
 def test_blocked_causal_attention_bf16():
