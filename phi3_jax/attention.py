@@ -297,11 +297,11 @@ class Attention(nnx.Module):
         k = apply_rotary(qkv[:, :, :, G], cos, sin)  # [B, T, K, H]
         v = qkv[:, :, :, G + 1]  # [B, T, K, H]
         if lengths is not None:
+            block = prefill_block(T)
             if paths.prefill == "cudnn":
                 out = causal_attention(q, k, v, lengths, self.sliding_window)
-            elif prefill_block(T) is not None:
-                out = blocked_causal_attention(q, k, v, lengths, self.sliding_window,
-                                               prefill_block(T))
+            elif block is not None:
+                out = blocked_causal_attention(q, k, v, lengths, self.sliding_window, block)
             else:
                 out = dot_product_attention(q, k, v, mask)
             # Padding slots hold zeros: never NaN, whatever a kernel left in padding rows.

@@ -9,9 +9,8 @@ Each row keeps its own positions, which is all the attention mask and RoPE need.
 Compilation. Batch size is rounded up to a power of two, prompt and cache lengths to quarter
 octaves (`batch_shapes`), the model's graphdef is static (hashed once: api.StaticGraph) and the
 parameters, cache and sampler numbers are traced, so a new prompt compiles nothing unless it
-lands in a new bucket. `end_step`
-is traced too: one compiled loop serves the single run-to-completion call and the chunked calls
-used for streaming.
+lands in a new bucket. `end_step` is traced too: one compiled loop serves the single
+run-to-completion call and the chunked calls used for streaming.
 
 Host syncs. Without streaming or stop strings the whole generation is one `lax.while_loop`
 that ends when every row is done (or at max_new_tokens). Streaming syncs after every token and
