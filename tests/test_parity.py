@@ -166,6 +166,18 @@ def test_logits_match_transformers(pair, case, length, seed):
         assert max_diff(ours_variant(p.ours, ids, sliding_window=None), ref) > MATTERS
 
 
+def left_padded(seed: int, rows: tuple[int, ...], vocab: int):
+    """Rows of the given lengths, left-padded to the longest: (tokens, ids, mask)."""
+    T = max(rows)
+    tokens = prompt(seed, rows, vocab)
+    ids = np.zeros((len(rows), T), np.int64)
+    mask = np.zeros((len(rows), T), np.int64)
+    for i, n in enumerate(rows):
+        ids[i, T - n:] = tokens[i, :n]
+        mask[i, T - n:] = 1
+    return tokens, ids, mask
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("rows", PADDED_ROWS, ids=lambda r: "-".join(map(str, r)))
 def test_left_padded_batch_matches_each_row_alone(pair, rows, seed):
@@ -173,12 +185,7 @@ def test_left_padded_batch_matches_each_row_alone(pair, rows, seed):
     LongRoPE regime: the batch mixes rows past original_max with rows before it."""
     p = pair("padded", seed)
     T = max(rows)
-    tokens = prompt(seed, rows, p.ours.config.vocab_size)
-    ids = np.zeros((len(rows), T), np.int64)
-    mask = np.zeros((len(rows), T), np.int64)
-    for i, n in enumerate(rows):
-        ids[i, T - n:] = tokens[i, :n]
-        mask[i, T - n:] = 1
+    tokens, ids, mask = left_padded(seed, rows, p.ours.config.vocab_size)
     ours = np.asarray(p.ours.logits(ids, mask))
     regimes = set()
     for i, n in enumerate(rows):
@@ -204,12 +211,7 @@ def test_blocked_attention_logits_match_transformers(pair, rows, monkeypatch):
     try:
         p = pair("padded", 0)
         T = max(rows)
-        tokens = prompt(0, rows, p.ours.config.vocab_size)
-        ids = np.zeros((len(rows), T), np.int64)
-        mask = np.zeros((len(rows), T), np.int64)
-        for i, n in enumerate(rows):
-            ids[i, T - n:] = tokens[i, :n]
-            mask[i, T - n:] = 1
+        tokens, ids, mask = left_padded(0, rows, p.ours.config.vocab_size)
         ours = np.asarray(p.ours.logits(ids, mask))
     finally:
         jax.clear_caches()
