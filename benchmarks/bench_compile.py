@@ -99,6 +99,7 @@ def trace_only(raw: dict, workload: list, repeats: int) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
+    from benchmarks.bench_gpu import abstract_prefill
     from phi3_jax import generate as gen
     from phi3_jax.api import StaticGraph, abstract_model
     from phi3_jax.config import Phi3Config
@@ -106,20 +107,17 @@ def trace_only(raw: dict, workload: list, repeats: int) -> list[dict]:
     config = Phi3Config.from_hf(dict(raw, model_type="phi3"))
     graphdef, params = abstract_model(config, jnp.bfloat16)
     graph = StaticGraph(graphdef)
-    sampler = gen.make_sampler(0.0)
     i32 = jax.ShapeDtypeStruct((), jnp.int32)
     rows = []
     for n, prompt_len in workload:
         B, Tp, S = gen.batch_shapes(n, prompt_len, NEW)
-        plan = gen._Plan(cache_len=S, always_long=False, reprefill=False)
-        ids = jax.ShapeDtypeStruct((B, Tp), jnp.int32)
-        prefill_args = (graph, params, ids, ids, jax.ShapeDtypeStruct((B,), jnp.int32),
-                        sampler, jax.ShapeDtypeStruct((8,), jnp.int32), i32,
-                        jax.ShapeDtypeStruct((), jnp.uint32))
-        state = jax.eval_shape(lambda *a, plan=plan: gen._prefill(*a, plan=plan), *prefill_args)
+        prefill_args, plan = abstract_prefill(graph, params, B, Tp, S)
+        state = jax.eval_shape(lambda *a, plan=plan: gen._prefill(graph, *a, plan=plan),
+                               *prefill_args[1:])  # graph is static, not an array
+        # The decode loop takes the prefill's sampler and stop ids, then end_step.
+        decode_args = (graph, params, state, *prefill_args[5:8], i32)
         programs = {"prefill": (gen._prefill, prefill_args),
-                    "decode": (gen._decode, (graph, params, state, sampler,
-                                             jax.ShapeDtypeStruct((8,), jnp.int32), i32, i32))}
+                    "decode": (gen._decode, decode_args)}
         for name, (fn, fn_args) in programs.items():
             best = None
             for _ in range(repeats):

@@ -152,6 +152,21 @@ def random_model(config):
     return graphdef, jax.block_until_ready(params)
 
 
+def abstract_prefill(graph, params, B: int, T: int, S: int) -> tuple[tuple, object]:
+    """(args, plan) of the generator's prefill for B prompts of T tokens and S cache slots, as
+    ShapeDtypeStructs: what `_prefill.trace/lower(*args, plan=plan)` takes, allocating nothing."""
+    import jax
+    import jax.numpy as jnp
+
+    from phi3_jax import generate as gen
+
+    ids = jax.ShapeDtypeStruct((B, T), jnp.int32)
+    args = (graph, params, ids, ids, jax.ShapeDtypeStruct((B,), jnp.int32),
+            gen.make_sampler(0.0), jax.ShapeDtypeStruct((8,), jnp.int32),
+            jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.uint32))
+    return args, gen._Plan(cache_len=S, always_long=False, reprefill=False)
+
+
 def emit(row: dict) -> None:
     print("CASE " + json.dumps(row), flush=True)
 

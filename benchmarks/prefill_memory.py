@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax
 import jax.numpy as jnp
 
-from benchmarks.bench_gpu import MINI, TINY
+from benchmarks.bench_gpu import MINI, TINY, abstract_prefill
 from benchmarks.machine import print_result
 from phi3_jax import attention
 from phi3_jax import generate as gen
@@ -37,13 +37,8 @@ TINY_CASES = [(2, 32, 64), (1, 64, 64)]
 
 def prefill_memory(config: Phi3Config, B: int, T: int, S: int) -> dict:
     graphdef, params = abstract_model(config, jnp.bfloat16)
-    i32 = jax.ShapeDtypeStruct((B, T), jnp.int32)
-    plan = gen._Plan(cache_len=S, always_long=False, reprefill=False)
-    compiled = gen._prefill.lower(
-        StaticGraph(graphdef), params, i32, i32, jax.ShapeDtypeStruct((B,), jnp.int32),
-        gen.make_sampler(0.0), jax.ShapeDtypeStruct((8,), jnp.int32),
-        jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.uint32),
-        plan=plan).compile()
+    args, plan = abstract_prefill(StaticGraph(graphdef), params, B, T, S)
+    compiled = gen._prefill.lower(*args, plan=plan).compile()
     m = compiled.memory_analysis()
     return dict(temp_gib=m.temp_size_in_bytes / 2**30, out_gib=m.output_size_in_bytes / 2**30,
                 temp_kib_per_token_layer=m.temp_size_in_bytes / 1024 / (B * T)

@@ -158,10 +158,9 @@ class Phi3:
         out_slots[:, :T] = slots
         rows, cols = np.nonzero(mask)
         tokens[rows, slots[rows, cols]] = ids[rows, cols]
-        arrays = (tokens, lengths, out_slots)
-        if self.mesh is not None:  # data-parallel batch; the same host value on every process
-            arrays = tuple(sharding.shard_batch(a, self.mesh) for a in arrays)
-        return _forward(self.graph, self.params, *(jnp.asarray(a) for a in arrays))[:, :T]
+        # Data-parallel over a mesh: the same host value on every process.
+        arrays = (sharding.put_batch(a, self.mesh) for a in (tokens, lengths, out_slots))
+        return _forward(self.graph, self.params, *arrays)[:, :T]
 
     def generate(self, prompts: Any, **kwargs: Any) -> Any:
         """Generates from prompts (strings or token-id lists); see phi3_jax.generate.generate."""

@@ -470,21 +470,15 @@ def _launch(model: Phi3, request: _Request) -> tuple[SamplingState, Callable, in
     stop_ids = jax.device_put(request.stop_ids)
     # Host scalars go in as numpy values: jnp.asarray would compile a conversion program.
     pad_id = np.int32(request.pad_id)
-    state = _prefill(model.graph, model.params, _put(tokens, mesh), _put(positions, mesh),
-                     _put(limits, mesh), request.sampler, stop_ids, pad_id,
-                     np.uint32(request.seed % 2**32), plan=plan)
+    tokens, positions, limits = (sharding.put_batch(a, mesh) for a in (tokens, positions, limits))
+    state = _prefill(model.graph, model.params, tokens, positions, limits, request.sampler,
+                     stop_ids, pad_id, np.uint32(request.seed % 2**32), plan=plan)
 
     def decode(state: SamplingState, end_step: int) -> SamplingState:
         return _decode(model.graph, model.params, state, request.sampler, stop_ids, pad_id,
                        np.int32(end_step), plan=plan)
 
     return state, decode, Tp, n
-
-
-def _put(array: np.ndarray, mesh: jax.sharding.Mesh | None) -> jax.Array:
-    """A host array [B, ...] on the device(s): split on B over `data` when there is a mesh."""
-    # device_put, not jnp.asarray: in jax 0.10 the latter compiles a copy program per new shape.
-    return jax.device_put(array) if mesh is None else sharding.shard_batch(array, mesh)
 
 
 def _collect_fast(model: Phi3, request: _Request) -> list[Completion]:
@@ -588,5 +582,5 @@ def _stream(model: Phi3, request: _Request, stops: tuple[str, ...],
         if all(finished):
             return
         # Rows ended by a stop string are marked done on the device too.
-        state = dataclasses.replace(state, done=_put(done, model.mesh))
+        state = dataclasses.replace(state, done=sharding.put_batch(done, model.mesh))
         state = decode(state, int(sharding.to_host(state.step)) + chunk)

@@ -123,11 +123,11 @@ class Phi3ForCausalLM(nnx.Module):
             if prefill_lengths is None:
                 mask = attention_mask(positions, key_positions, config.sliding_window)
         paths = attention.select_paths(x.dtype)
+        call = _remat_layer if self.remat and cache is None else _traced_once_layer
+        index = None if cache is None else cache.index
         new_k, new_v = [], []
         for i, layer in enumerate(self.model.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            index = None if cache is None else cache.index
-            call = _remat_layer if self.remat and cache is None else _traced_once_layer
             x, kv = call(*nnx.split(layer), x, cos, sin, mask, kv, index, prefill_lengths, paths)
             if kv is not None:
                 if tokens.shape[1] > 1:

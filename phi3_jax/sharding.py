@@ -251,6 +251,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def put_batch(array: np.ndarray, mesh: Mesh | None) -> jax.Array:
+    """A host array [B, ...] on the device(s): split on B over `data` when there is a mesh."""
+    # device_put, not jnp.asarray: in jax 0.10 the latter compiles a copy program per new shape.
+    return jax.device_put(array) if mesh is None else shard_batch(array, mesh)
+
+
 def shard_batch(array: np.ndarray | jax.Array, mesh: Mesh) -> jax.Array:
     """A host array [B, ...] as a global array split on B over `data`.
 

@@ -12,6 +12,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import bench_compile  # noqa: E402
 import bench_gpu  # noqa: E402
 
 
@@ -110,6 +111,19 @@ def test_bench_compile_tiny_run():
     # A warm start still traces and lowers every program (the cache key hashes the module);
     # the same process again finds them all in jax's in-memory caches.
     assert warm["trace_s"] > 0 and warm["lower_s"] > 0 and steady["lower_s"] == 0
+
+
+def test_bench_compile_trace_only_tiny_run():
+    """bench_compile.py --trace-only: every program of the workload traced and lowered, at its
+    real shapes on abstract parameters, with nothing compiled."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_compile.py"),
+                           "--tiny", "--trace-only", "--repeats", "1"],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
+    assert [r["program"] for r in rows] == ["prefill", "decode"] * len(bench_compile.TINY_WORKLOAD)
+    assert all(r["trace_s"] > 0 and r["lower_s"] > 0 for r in rows)
 
 
 def test_prefill_memory_tiny_run(tmp_path):
