@@ -10,10 +10,18 @@ MFU counts model FLOPs only (no rematerialisation), PaLM-style:
 with N the matmul weights (projections and head; LoRA skips the 2 N of weight gradients) and
 T the sequence length; divided by --peak-tflops (H100 SXM dense bf16: 989).
 
+--attention both times each mode twice: with the attention training takes ("kernels": cuDNN's
+fused attention on GPUs in bf16/fp16, else the blocked attention with its flash backward from
+512 tokens) and with the plain XLA reference ("reference": [B, N, T, T] fp32 scores, kept for
+the backward pass). "temp GiB" is the compiled step's scratch memory (XLA's memory analysis,
+on any backend); "peak GiB" the device allocator's peak where it reports one (GPUs).
+
 Prints a table, then one JSON line.
 
     python benchmarks/bench_train.py                         # Phi-3-mini shapes, lora + full
     python benchmarks/bench_train.py --config tiny --peak-tflops 1   # CPU smoke run
+    python benchmarks/bench_train.py --config small --modes full --batch 1 --seq 4096 \
+        --dtype float32 --attention both --steps 3 --peak-tflops 1     # CPU: attention
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from phi3_jax import attention
 from phi3_jax.config import Phi3Config
 from phi3_jax.model import Phi3ForCausalLM
 from phi3_jax.train.lora import LoRAConfig
@@ -47,6 +56,9 @@ CONFIGS = {
     "mini": dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192,
                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                  max_position_embeddings=4096, sliding_window=2047),
+    # A CPU-sized model with Phi-3-mini's head dim (8 heads of 96).
+    "small": dict(vocab_size=1024, hidden_size=768, intermediate_size=2048, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=16384),
     "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
 }
@@ -72,7 +84,22 @@ def git_head() -> str:
         return "unknown"
 
 
-def run_mode(config: Phi3Config, mode: str, args: argparse.Namespace) -> dict:
+def reference_attention(on: bool) -> None:
+    """Routes training's attention to the plain XLA reference (on) or back to the default.
+    Both switches are read when the step is traced."""
+    if on:
+        os.environ[attention.ATTENTION_ENV] = "xla"
+        attention.PREFILL_BLOCK = 1 << 62  # prefill_block() then finds no block: the reference
+    else:
+        os.environ.pop(attention.ATTENTION_ENV, None)
+        attention.PREFILL_BLOCK = DEFAULT_BLOCK
+
+
+DEFAULT_BLOCK = attention.PREFILL_BLOCK
+
+
+def run_mode(config: Phi3Config, mode: str, args: argparse.Namespace,
+             kind: str = "kernels") -> dict:
     dtype = jnp.dtype(args.dtype)
     lora = LoRAConfig(args.lora_rank, 2.0 * args.lora_rank) if mode == "lora" else None
     remat = args.remat
@@ -96,6 +123,12 @@ def run_mode(config: Phi3Config, mode: str, args: argparse.Namespace) -> dict:
     batch = {"input_ids": jnp.asarray(ids), "labels": jnp.asarray(ids),
              "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (1, B, T))}
     t0 = time.perf_counter()
+    reference_attention(kind == "reference")
+    try:
+        step = step.lower(state, frozen, batch).compile()
+    finally:
+        reference_attention(False)
+    temp = step.memory_analysis()
     for _ in range(args.warmup):
         state, metrics = step(state, frozen, batch)
     jax.block_until_ready(metrics)
@@ -112,7 +145,9 @@ def run_mode(config: Phi3Config, mode: str, args: argparse.Namespace) -> dict:
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         memory = stats["peak_bytes_in_use"] / 2**30
-    return {"mode": mode, "remat": remat, "batch": B, "seq": T, "step_ms": 1e3 * step_s,
+    return {"mode": mode, "attention": kind, "remat": remat, "batch": B,
+            "seq": T, "step_ms": 1e3 * step_s,
+            "temp_gib": temp.temp_size_in_bytes / 2**30 if temp is not None else None,
             "tokens_per_s": tokens_s, "mfu": mfu, "trainable_params": trainable,
             "loss": float(metrics["loss"]), "warmup_s": compile_s, "peak_gib": memory}
 
@@ -130,30 +165,37 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--peak-tflops", type=float, default=989.0)
+    p.add_argument("--attention", choices=["kernels", "reference", "both"], default="kernels",
+                   help="training's attention kernels, the XLA reference, or both in turn")
     args = p.parse_args()
     raw = dict(CONFIGS[args.config])
     if args.layers:
         raw["num_hidden_layers"] = args.layers
     config = Phi3Config(**raw)
     rows = []
+    kinds = ["kernels", "reference"] if args.attention == "both" else [args.attention]
     for mode in args.modes.split(","):
-        try:
-            rows.append(run_mode(config, mode, args))
-        except Exception as e:  # an OOM in one mode should not hide the others' numbers
-            rows.append({"mode": mode, "error": f"{type(e).__name__}: {str(e)[:200]}"})
-        jax.clear_caches()
+        for kind in kinds:
+            try:
+                rows.append(run_mode(config, mode, args, kind))
+            except Exception as e:  # an OOM in one run should not hide the others' numbers
+                rows.append({"mode": mode, "attention": kind,
+                             "error": f"{type(e).__name__}: {str(e)[:200]}"})
+            jax.clear_caches()
     device = jax.devices()[0]
     print(f"device {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
           f"config {args.config} ({config.num_hidden_layers} layers), dtype {args.dtype}")
-    print(f"{'mode':6} {'remat':5} {'B x T':>10} {'step ms':>9} {'tokens/s':>10} {'MFU':>6} "
-          f"{'peak GiB':>8}")
+    print(f"{'mode':6} {'attention':9} {'remat':5} {'B x T':>10} {'step ms':>9} "
+          f"{'tokens/s':>10} {'MFU':>6} {'temp GiB':>8} {'peak GiB':>8}")
     for r in rows:
         if "error" in r:
-            print(f"{r['mode']:6} failed: {r['error']}")
+            print(f"{r['mode']:6} {r['attention']:9} failed: {r['error']}")
             continue
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
-        print(f"{r['mode']:6} {r['remat']!s:5} {r['batch']:>4} x {r['seq']:<5}"
-              f"{r['step_ms']:>9.1f} {r['tokens_per_s']:>10,.0f} {r['mfu']:>6.1%} {peak:>8}")
+        temp = f"{r['temp_gib']:.2f}" if r["temp_gib"] is not None else "-"
+        print(f"{r['mode']:6} {r['attention']:9} {r['remat']!s:5} {r['batch']:>4} x "
+              f"{r['seq']:<5}{r['step_ms']:>9.1f} {r['tokens_per_s']:>10,.0f} {r['mfu']:>6.1%} "
+              f"{temp:>8} {peak:>8}")
     print(json.dumps({"bench": "train", "device": device.device_kind,
                       "backend": jax.default_backend(), "jax": jax.__version__,
                       "commit": git_head(), "config": args.config,

@@ -4,7 +4,11 @@
    (K=2, G=3, H=96), right padding (one empty row) and a sliding window.
 2. Decode: decode_attention (block-diagonal matmuls) vs dot_product_attention for one query per
    row against a cache with padding, empty slots and a window, in bf16 and fp32.
-3. Model: a small random Phi-3 (GQA, sliding window 16) on a padded batch through generate():
+3. Gradients (training declares right-padded rows, so it takes these kernels too): causal_attention
+   through cuDNN and blocked_causal_attention's flash backward, both bf16, against reverse mode
+   through the fp32 reference; each must stay within bf16 roundings, as close as reverse mode
+   through the bf16 reference gets. Padding rows of the bf16 gradients must be finite.
+4. Model: a small random Phi-3 (GQA, sliding window 16) on a padded batch through generate():
    first-token logits and greedy tokens with PHI3_JAX_ATTENTION=fast vs =xla. bf16 logits must
    agree within a bf16 bound; the fp32 model (fast decode, XLA prefill) must give identical tokens.
 Prints a table and a final JSON line; exits 1 when a check fails. Needs a GPU.
@@ -29,6 +33,7 @@ from phi3_jax.api import Phi3
 from phi3_jax.attention import (
     ATTENTION_ENV,
     attention_mask,
+    blocked_causal_attention,
     causal_attention,
     decode_attention,
     dot_product_attention,
@@ -59,6 +64,44 @@ def prefill_kernel_check() -> dict:
     return {"check": "prefill kernel bf16", "max_abs_diff": diff, "bound": bound,
             "padding_zero": bool((got[~valid] == 0).all()), "cudnn_custom_call": "cudnn" in hlo,
             "ok": diff <= bound and bool((got[~valid] == 0).all()) and "cudnn" in hlo}
+
+
+def gradient_checks() -> list[dict]:
+    rs = np.random.RandomState(2)
+    B, T, K, G, H, W = 3, 256, 2, 3, 96, 40
+    q32, k32, v32 = (jnp.asarray(rs.normal(size=(B, T, K, *g, H)), jnp.float32)
+                     for g in ((G,), (), ()))
+    lengths = jnp.asarray([256, 130, 0], jnp.int32)
+    pos = jnp.where(jnp.arange(T)[None] < lengths[:, None], jnp.arange(T)[None], -1)
+    valid = (pos >= 0)[:, :, None, None, None]
+    w = jnp.where(valid, jnp.asarray(rs.normal(size=q32.shape), jnp.float32), 0)
+    mask = attention_mask(pos, pos, W)
+
+    def grads(fn, *qkv):
+        return jax.jit(jax.grad(lambda *a: jnp.sum(w * fn(*a).astype(jnp.float32)),
+                                argnums=(0, 1, 2)))(*qkv)
+
+    with jax.default_matmul_precision("highest"):
+        truth = grads(lambda q, k, v: dot_product_attention(q, k, v, mask), q32, k32, v32)
+    bf16 = [a.astype(jnp.bfloat16) for a in (q32, k32, v32)]
+    ref = grads(lambda q, k, v: dot_product_attention(q, k, v, mask), *bf16)
+    rows = []
+    for name, fn in (("cudnn", lambda q, k, v: causal_attention(q, k, v, lengths, W)),
+                     ("blocked", lambda q, k, v: blocked_causal_attention(q, k, v, lengths, W,
+                                                                          64))):
+        got = grads(fn, *bf16)
+        errs, bounds = [], []
+        for g, r, t in zip(got, ref, truth, strict=True):
+            errs.append(float(jnp.abs(g.astype(jnp.float32) - t).max()))
+            bounds.append(max(2 * float(jnp.abs(r.astype(jnp.float32) - t).max()),
+                              4 * BF16_ULP * float(jnp.abs(t).max())))
+        finite = all(bool(jnp.isfinite(g.astype(jnp.float32)).all()) for g in got)
+        rows.append({"check": f"prefill gradients bf16 {name}", "max_abs_diff": max(errs),
+                     "worst_ratio_to_bound": max(e / b for e, b in zip(errs, bounds,
+                                                                       strict=True)),
+                     "finite": finite,
+                     "ok": finite and all(e <= b for e, b in zip(errs, bounds, strict=True))})
+    return rows
 
 
 def decode_checks() -> list[dict]:
@@ -134,7 +177,7 @@ def model_checks() -> list[dict]:
 
 
 def main() -> int:
-    rows = [prefill_kernel_check(), *decode_checks(), *model_checks()]
+    rows = [prefill_kernel_check(), *gradient_checks(), *decode_checks(), *model_checks()]
     for r in rows:
         print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in r.items()))

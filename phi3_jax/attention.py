@@ -12,7 +12,8 @@ Four attention computations, one contract (mask semantics of `attention_mask`):
 - `blocked_causal_attention`: the same computation for a prompt prefill of 512 tokens or more
   on the XLA path, in key blocks with an online softmax: O(T * block) memory instead of
   [B, N, T, T] fp32 scores, and the blocks above the diagonal skipped. Plain XLA, so it serves
-  CPUs, TPUs and fp32 alike.
+  CPUs, TPUs and fp32 alike; its gradient is flash attention's blocked backward pass, so
+  fine-tuning (which declares its right-padded rows like a prefill) takes it too.
 - `causal_attention`: the prompt prefill of right-padded rows (row b's tokens at slots
   0..len_b-1) through `jax.nn.dot_product_attention` with is_causal, sequence lengths and the
   window. On GPUs with bf16/fp16 this is cuDNN's fused (flash) attention, which never
@@ -42,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import os
 from collections.abc import Iterator
 
@@ -124,46 +126,80 @@ def prefill_block(T: int) -> int | None:
     return None
 
 
-def blocked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
-                             sliding_window: int | None, block: int) -> jax.Array:
-    """causal_attention's contract (right-padded rows, padding queries zeroed) in O(T * block)
-    memory, in plain XLA: flash attention's online softmax over key blocks, for each query
-    block in turn. The reference's [B, N, T, T] fp32 scores cannot exist for long prompts
-    (Phi-3-mini at 114,688 tokens: 1.6 TiB), and no fused kernel serves CPUs, TPUs or fp32.
-
-    Query block i reads only key blocks that can be visible: up to its own (causal), and from
-    the first one its window reaches. Scores and the softmax's running max and sum stay fp32;
-    each block's exp(scores - running max) is cast to v's dtype for the PV matmul, as the
-    reference casts its probabilities.
-    """
-    B, T, K, G, H = q.shape
+def _to_blocks(x: jax.Array, block: int) -> jax.Array:
+    """[B, T, K, (G,) H] -> block-major [n, B, K, (G,) Tb, H], T zero-padded to n * block
+    (padded keys sit past every length, so the mask hides them)."""
+    B, T = x.shape[:2]
     n = -(-T // block)
-    pad = n * block - T  # padded keys sit past every length, so the mask hides them
-    q, k, v = (jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)) for a in (q, k, v))
-    # Block-major, batch axes first: each step's operands are contiguous, ready-made matmuls.
-    qb = q.reshape(B, n, block, K, G, H).transpose(1, 0, 3, 4, 2, 5)  # [n, B, K, G, Tb, H]
-    kb = k.reshape(B, n, block, K, H).transpose(1, 0, 3, 2, 4)  # [n, B, K, Sb, H]
-    vb = v.reshape(B, n, block, K, H).transpose(1, 0, 3, 2, 4)
+    x = jnp.pad(x, [(0, 0), (0, n * block - T)] + [(0, 0)] * (x.ndim - 2))
+    x = x.reshape(B, n, block, *x.shape[2:])
+    # Batch axes first: each step's operands are contiguous, ready-made matmuls.
+    return jnp.moveaxis(x, 2, -2).swapaxes(0, 1)
+
+
+def _from_blocks(x: jax.Array, T: int) -> jax.Array:
+    """The inverse of _to_blocks: [n, B, K, (G,) Tb, H] -> [B, T, K, (G,) H]."""
+    x = jnp.moveaxis(x.swapaxes(0, 1), -2, 2)  # [B, n, Tb, K, (G,) H]
+    return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :T]
+
+
+class _BlockMask:
+    """Which key blocks each query block reads, and the visible set inside a pair of blocks:
+    shared by the forward and the backward pass, so both skip exactly the same blocks."""
+
+    def __init__(self, lengths: jax.Array, sliding_window: int | None, block: int, n: int):
+        self.lengths, self.window, self.block = lengths, sliding_window, block
+        # No block past the longest row: a bucket's padding costs nothing.
+        self.used = jnp.minimum(n, (jnp.max(lengths) + block - 1) // block)
+        self.offsets = jnp.arange(block)
+
+    def key_range(self, i: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Key blocks [first, last) that query block i can see: up to its own (causal), and
+        from the one holding the earliest key its window reaches."""
+        first = 0
+        if self.window is not None:
+            first = jnp.maximum(0, (i * self.block - self.window + 1) // self.block)
+        return first, jnp.minimum(i + 1, self.used)
+
+    def query_range(self, j: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Query blocks [first, last) that can see key block j: key_range's converse."""
+        last = self.used
+        if self.window is not None:
+            last = jnp.minimum(last, (j * self.block + self.block + self.window - 2)
+                               // self.block + 1)
+        return j, last
+
+    def visible(self, i: jax.Array, j: jax.Array) -> jax.Array:
+        """[B, 1, 1, Tb, Sb]: attention_mask's visible set for query block i, key block j."""
+        q_idx = i * self.block + self.offsets
+        k_idx = j * self.block + self.offsets
+        visible = (k_idx[None, :] <= q_idx[:, None])[None] & (
+            k_idx[None, None, :] < self.lengths[:, None, None])  # [B, Tb, Sb]
+        if self.window is not None:
+            visible &= (k_idx[None, :] > q_idx[:, None] - self.window)[None]
+        return visible[:, None, None]
+
+
+def _blocked_forward(q, k, v, lengths, sliding_window, block):
+    """(out [B, T, K, G, H], logsumexp [n, B, K, G, Tb] fp32, the softmax's per-query log
+    normaliser that the backward pass rebuilds the probabilities from)."""
+    B, T, K, G, H = q.shape
+    qb, kb, vb = _to_blocks(q, block), _to_blocks(k, block), _to_blocks(v, block)
+    n = qb.shape[0]
+    blocks = _BlockMask(lengths, sliding_window, block, n)
     scale = H ** -0.5
     lowest = jnp.finfo(jnp.float32).min
-    offsets = jnp.arange(block)
 
-    def query_block(i: jax.Array) -> jax.Array:
+    def query_block(i: jax.Array) -> tuple[jax.Array, jax.Array]:
         qi = qb[i]  # [B, K, G, Tb, H]
-        q_idx = i * block + offsets  # [Tb]
 
         def key_block(j, carry):
             m, l, acc = carry  # [B, K, G, Tb] x2, [B, K, G, Tb, H]: fp32
             s = jnp.einsum("BKGTH,BKSH->BKGTS", qi, kb[j],
                            preferred_element_type=jnp.float32) * scale
-            k_idx = j * block + offsets  # [Sb]
             # Masked in every block: splitting the unmasked blocks below the diagonal from the
             # diagonal one measured slower on the CPU (149 vs 142 ms, GQA 2 x 4 x 64 at 4096).
-            visible = (k_idx[None, :] <= q_idx[:, None])[None] & (
-                k_idx[None, None, :] < lengths[:, None, None])  # [B, Tb, Sb]
-            if sliding_window is not None:
-                visible &= (k_idx[None, :] > q_idx[:, None] - sliding_window)[None]
-            s = jnp.where(visible[:, None, None], s, lowest)
+            s = jnp.where(blocks.visible(i, j), s, lowest)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             # A row whose keys so far were all hidden carries garbage with m = lowest; its first
             # visible key makes exp(m - m_new) exactly 0, which wipes it.
@@ -174,21 +210,90 @@ def blocked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: 
                             preferred_element_type=jnp.float32)
             return m_new, l, acc * correction[..., None] + pv
 
-        first = 0
-        if sliding_window is not None:  # the earliest key any query of this block can see
-            first = jnp.maximum(0, (i * block - sliding_window + 1) // block)
-        # Up to this block (causal), and no block past the longest row: a bucket's padding
-        # costs nothing, and a block of padding queries alone runs no step (it is zeroed).
-        last = jnp.minimum(i + 1, (jnp.max(lengths) + block - 1) // block)
         m = jnp.full((B, K, G, block), lowest, jnp.float32)
         init = (m, jnp.zeros_like(m), jnp.zeros((B, K, G, block, H), jnp.float32))
-        _, l, acc = jax.lax.fori_loop(first, last, key_block, init)
-        return (acc / jnp.where(l > 0, l, 1)[..., None]).astype(v.dtype)  # [B, K, G, Tb, H]
+        # A block of padding queries alone runs no step (it is zeroed below).
+        m, l, acc = jax.lax.fori_loop(*blocks.key_range(i), key_block, init)
+        seen = l > 0
+        out = (acc / jnp.where(seen, l, 1)[..., None]).astype(v.dtype)  # [B, K, G, Tb, H]
+        return out, jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1)), 0.0)
 
-    out = jax.lax.map(query_block, jnp.arange(n))  # [n, B, K, G, Tb, H]
-    out = out.transpose(1, 0, 4, 2, 3, 5).reshape(B, n * block, K, G, H)[:, :T]
+    out, lse = jax.lax.map(query_block, jnp.arange(n))  # [n, B, K, G, Tb, H], [n, B, K, G, Tb]
     valid = jnp.arange(T)[None, :] < lengths[:, None]  # [B, T]
-    return jnp.where(valid[:, :, None, None, None], out, 0)
+    return jnp.where(valid[:, :, None, None, None], _from_blocks(out, T), 0), lse
+
+
+def _blocked_backward(sliding_window, block, residuals, d_out):
+    """Flash attention's backward pass over the forward's blocks: for each key block, the query
+    blocks that see it, with the probabilities rebuilt from the saved logsumexp (nothing of size
+    T x T is stored). dK and dV accumulate per key block; dQ in one fp32 buffer [n, ...]."""
+    q, k, v, lengths, out, lse = residuals
+    T, H = q.shape[1], q.shape[-1]
+    valid = jnp.arange(T)[None, :] < lengths[:, None]
+    d_out = jnp.where(valid[:, :, None, None, None], d_out, 0).astype(out.dtype)
+    qb, kb, vb, dob = (_to_blocks(a, block) for a in (q, k, v, d_out))
+    n = qb.shape[0]
+    blocks = _BlockMask(lengths, sliding_window, block, n)
+    scale = H ** -0.5
+    # softmax's Jacobian term: rowsum(dO * O) per query, fp32.
+    delta = _to_blocks(jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+                       [..., None], block)[..., 0]  # [n, B, K, G, Tb]
+
+    def key_block(j, carry):
+        dq, dk, dv = carry
+
+        def query_block(i, inner):
+            dq, dk_j, dv_j = inner
+            qi, doi = qb[i], dob[i]
+            s = jnp.einsum("BKGTH,BKSH->BKGTS", qi, kb[j],
+                           preferred_element_type=jnp.float32) * scale
+            p = jnp.where(blocks.visible(i, j), jnp.exp(s - lse[i][..., None]), 0.0)
+            dv_j += jnp.einsum("BKGTS,BKGTH->BKSH", p.astype(v.dtype), doi,
+                               preferred_element_type=jnp.float32)
+            dp = jnp.einsum("BKGTH,BKSH->BKGTS", doi, vb[j], preferred_element_type=jnp.float32)
+            ds = (p * (dp - delta[i][..., None])).astype(q.dtype)
+            dq = dq.at[i].add(jnp.einsum("BKGTS,BKSH->BKGTH", ds, kb[j],
+                                         preferred_element_type=jnp.float32) * scale)
+            dk_j += jnp.einsum("BKGTS,BKGTH->BKSH", ds, qi,
+                               preferred_element_type=jnp.float32) * scale
+            return dq, dk_j, dv_j
+
+        zeros = jnp.zeros(kb.shape[1:], jnp.float32)
+        dq, dk_j, dv_j = jax.lax.fori_loop(*blocks.query_range(j), query_block,
+                                           (dq, zeros, zeros))
+        return dq, dk.at[j].set(dk_j), dv.at[j].set(dv_j)
+
+    init = (jnp.zeros(qb.shape, jnp.float32), jnp.zeros(kb.shape, jnp.float32),
+            jnp.zeros(vb.shape, jnp.float32))
+    dq, dk, dv = jax.lax.fori_loop(0, blocks.used, key_block, init)
+    return (_from_blocks(dq, T).astype(q.dtype), _from_blocks(dk, T).astype(k.dtype),
+            _from_blocks(dv, T).astype(v.dtype), None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def blocked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
+                             sliding_window: int | None, block: int) -> jax.Array:
+    """causal_attention's contract (right-padded rows, padding queries zeroed) in O(T * block)
+    memory, in plain XLA: flash attention's online softmax over key blocks, for each query
+    block in turn. The reference's [B, N, T, T] fp32 scores cannot exist for long prompts
+    (Phi-3-mini at 114,688 tokens: 1.6 TiB), and no fused kernel serves CPUs, TPUs or fp32.
+
+    Query block i reads only key blocks that can be visible: up to its own (causal), and from
+    the first one its window reaches. Scores and the softmax's running max and sum stay fp32;
+    each block's exp(scores - running max) is cast to v's dtype for the PV matmul, as the
+    reference casts its probabilities. Differentiable (fine-tuning on long rows): the loops have
+    data-dependent bounds, which reverse mode cannot take, so the gradient is flash attention's
+    blocked backward pass (_blocked_backward), in the same memory.
+    """
+    return _blocked_forward(q, k, v, lengths, sliding_window, block)[0]
+
+
+def _blocked_vjp_forward(q, k, v, lengths, sliding_window, block):
+    out, lse = _blocked_forward(q, k, v, lengths, sliding_window, block)
+    return out, (q, k, v, lengths, out, lse)
+
+
+blocked_causal_attention.defvjp(_blocked_vjp_forward, _blocked_backward)
 
 
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:

@@ -136,6 +136,57 @@ def test_blocked_causal_attention_matches_reference(window, T, block):
         assert np.abs(loose[valid] - ref[valid]).max() > 1e-2
 
 
+def _attention_grads(fn, q, k, v, pos, seed=1):
+    """d(sum(w * out)) / d(q, k, v) for a random cotangent w on the valid queries only (the
+    reference leaves padding queries' outputs unzeroed)."""
+    w = jnp.asarray(np.random.RandomState(seed).normal(size=q.shape), jnp.float32)
+    w = jnp.where((pos >= 0)[:, :, None, None, None], w, 0)
+    return jax.jit(jax.grad(lambda q, k, v: jnp.sum(w * fn(q, k, v).astype(jnp.float32)),
+                            argnums=(0, 1, 2)))(q, k, v)
+
+
+@pytest.mark.parametrize("window", [None, 4, 9])
+@pytest.mark.parametrize("T,block", [(12, 4), (13, 4), (12, 5)])
+def test_blocked_causal_attention_gradients(window, T, block):
+    """The custom VJP (flash attention's backward over the forward's blocks) against reverse
+    mode through the reference: ragged rows, an empty row, windows, T not a multiple of the
+    block, GQA (dK and dV summed over each KV head's G query heads)."""
+    q, k, v, lengths, pos = _prefill_qkv(jnp.float32, [T, 7, 1, 0], T=T)
+    mask = attention_mask(pos, pos, window)
+    ref = _attention_grads(lambda q, k, v: dot_product_attention(q, k, v, mask), q, k, v, pos)
+    got = _attention_grads(
+        lambda q, k, v: blocked_causal_attention(q, k, v, lengths, window, block), q, k, v, pos)
+    for name, g, r in zip("qkv", got, ref, strict=True):
+        # fp32 both ways; the blocked sums only reorder the reference's (a few ulps of O(1)).
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5,
+                                   err_msg=f"d{name}")
+    assert float(jnp.abs(got[1]).max()) > 0.1  # the comparison is not between zeros
+    if window == 4:  # a backward that ignored the window would differ
+        loose = _attention_grads(
+            lambda q, k, v: blocked_causal_attention(q, k, v, lengths, None, block), q, k, v, pos)
+        assert max(float(jnp.abs(a - b).max()) for a, b in zip(loose, ref, strict=True)) > 1e-2
+
+
+def test_blocked_causal_attention_gradients_bf16():
+    """bf16 operands: the gradients stay within bf16 roundings of the fp32 reference's, as close
+    as reverse mode through the bf16 reference gets (the fp32 reference is the truth for both)."""
+    q32, k32, v32, lengths, pos = _prefill_qkv(jnp.float32, [12, 5], T=12)
+    mask = attention_mask(pos, pos, 4)
+    truth = _attention_grads(lambda q, k, v: dot_product_attention(q, k, v, mask),
+                             q32, k32, v32, pos)
+    q, k, v = (a.astype(jnp.bfloat16) for a in (q32, k32, v32))
+    ref = _attention_grads(lambda q, k, v: dot_product_attention(q, k, v, mask), q, k, v, pos)
+    got = _attention_grads(lambda q, k, v: blocked_causal_attention(q, k, v, lengths, 4, 4),
+                           q, k, v, pos)
+    for name, g, r, t in zip("qkv", got, ref, truth, strict=True):
+        scale = float(jnp.abs(t).max())
+        ref_err = float(jnp.abs(r.astype(jnp.float32) - t).max())
+        err = float(jnp.abs(g.astype(jnp.float32) - t).max())
+        # Same count of bf16 roundings on each path (operands, probabilities, dS, result): a
+        # few ulps of the largest gradient, of the reference's own size.
+        assert err <= max(2 * ref_err, 4 * BF16_ULP * scale), (name, err, ref_err, scale)
+
+
 def test_prefill_block_choice(monkeypatch):
     """Two blocks at least: whole blocks from 2 * PREFILL_BLOCK tokens, half blocks from
     PREFILL_BLOCK, the reference below."""

@@ -158,11 +158,21 @@ def init_train_state(optimizer: optax.GradientTransformation, params: Params, se
 
 
 def make_loss_fn(spec: ModelSpec) -> Callable:
-    """(trainable, frozen, batch) -> (token-loss sum, target-token count)."""
+    """(trainable, frozen, batch) -> (token-loss sum, target-token count).
+
+    Rows are right-padded: row b holds positions 0..n_b-1 at its first n_b slots, then -1 (what
+    phi3_jax.train.data makes). Declaring that layout (`prefill_lengths`) lets attention take
+    the causal kernels the prompt prefill uses: cuDNN's fused attention on GPUs in bf16/fp16,
+    the blocked attention with its flash backward pass elsewhere from 512 tokens, so no
+    [B, N, T, T] scores are stored for the backward pass.
+    """
     def loss_fn(trainable: Params, frozen: Params | None, batch: dict) -> tuple[jax.Array, Any]:
         cast = jax.tree.map(lambda p: p.astype(spec.compute_dtype), trainable)
         model = spec.module(cast, frozen)
-        logits, _ = model(batch["input_ids"], batch["positions"])  # [B, T, V]
+        positions = batch["positions"]
+        lengths = jnp.sum(positions >= 0, axis=1, dtype=jnp.int32)
+        logits, _ = model(batch["input_ids"], positions,
+                          prefill_lengths=lengths)  # [B, T, V]
         return token_loss_sum(logits, batch["labels"])
 
     return loss_fn
