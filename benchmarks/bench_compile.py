@@ -5,7 +5,10 @@ max_new_tokens NEW) runs through the public `generate()` three times:
   1. cold, in a fresh process with an empty persistent compilation cache (jax's, enabled by
      generate(compilation_cache=DIR));
   2. again in the same process: what a warmed-up server pays (must compile nothing);
-  3. warm start: a second fresh process on the same cache DIR.
+  3. warm start: a second fresh process on the same cache DIR;
+  4. and 5. cold and warm start again (a new cache DIR), with `model.warmup(...)` building
+     every program of the workload first, in worker threads, before the same requests run
+     (what a server does at startup; the warmup's own time is reported, and is in the wall).
 Each pass reports its wall time, the XLA programs it built (jax.monitoring's backend_compile
 events, with their summed duration), how many of those came from the persistent cache, and the
 time spent tracing to jaxprs and lowering to StableHLO: a warm start pays both for every program,
@@ -43,7 +46,8 @@ WORKLOAD = [(1, 100), (1, 500), (1, 1000), (1, 2000), (8, 1000)]
 TINY_WORKLOAD = [(1, 10), (1, 40), (2, 30)]
 
 
-def run_passes(raw: dict, workload: list, cache_dir: str, passes: int) -> list[dict]:
+def run_passes(raw: dict, workload: list, cache_dir: str, passes: int,
+               warmup: bool = False) -> list[dict]:
     import jax
     import numpy as np
 
@@ -82,11 +86,17 @@ def run_passes(raw: dict, workload: list, cache_dir: str, passes: int) -> list[d
         for durations in stages.values():
             durations.clear()
         t = time.perf_counter()
+        warmup_s = None
+        if warmup:
+            model.warmup([(rows, n) for rows, n in workload], max_new_tokens=NEW,
+                         temperature=0.0, stop_token_ids=[], compilation_cache=cache_dir)
+            warmup_s = time.perf_counter() - t
         for batch in prompts:
             model.generate(batch, max_new_tokens=NEW, temperature=0.0, stop_token_ids=[],
                            compilation_cache=cache_dir)
         # A program loaded from the persistent cache also reports a (short) backend compile.
-        out.append(dict(wall_s=time.perf_counter() - t, programs=len(compiles),
+        out.append(dict(wall_s=time.perf_counter() - t, warmup_s=warmup_s,
+                        programs=len(compiles),
                         from_cache=len(hits), compile_s=sum(compiles),
                         trace_s=sum(stages["/jax/core/compile/jaxpr_trace_duration"]),
                         lower_s=sum(stages["/jax/core/compile/jaxpr_to_mlir_module_duration"])))
@@ -134,9 +144,11 @@ def trace_only(raw: dict, workload: list, repeats: int) -> list[dict]:
     return rows
 
 
-def child(args: argparse.Namespace, cache_dir: str, passes: int) -> list[dict]:
+def child(args: argparse.Namespace, cache_dir: str, passes: int,
+          warmup: bool = False) -> list[dict]:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", cache_dir, "--passes",
-           str(passes), "--config", args.config] + (["--tiny"] if args.tiny else [])
+           str(passes), "--config", args.config] + (["--tiny"] if args.tiny else []) + (
+               ["--warmup"] if warmup else [])
     env = dict(os.environ, JAX_PLATFORMS="cpu") if args.tiny else dict(os.environ)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
@@ -154,6 +166,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3, help="--trace-only: best of N")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--passes", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--warmup", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     from benchmarks.bench_gpu import MEDIUM, MINI, TINY, git_head
     from benchmarks.machine import print_result
@@ -161,7 +174,7 @@ def main() -> int:
     raw = TINY if args.tiny else (MEDIUM if args.config == "medium" else MINI)
     workload = TINY_WORKLOAD if args.tiny else WORKLOAD
     if args.child:
-        print(json.dumps(run_passes(raw, workload, args.child, args.passes)))
+        print(json.dumps(run_passes(raw, workload, args.child, args.passes, args.warmup)))
         return 0
     if args.trace_only:
         import jax
@@ -179,14 +192,21 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="phi3_jax_cc_") as cache_dir:
         cold, steady = child(args, cache_dir, passes=2)
         (warm,) = child(args, cache_dir, passes=1)
+    with tempfile.TemporaryDirectory(prefix="phi3_jax_cc_") as cache_dir:
+        (cold_w,) = child(args, cache_dir, passes=1, warmup=True)
+        (warm_w,) = child(args, cache_dir, passes=1, warmup=True)
     rows = [dict(run="cold start (empty cache)", **cold),
             dict(run="same process again", **steady),
-            dict(run="warm start (persistent cache)", **warm)]
-    print(f"{'run':32} {'wall s':>8} {'programs':>9} {'from cache':>10} {'compile s':>10} "
-          f"{'trace s':>8} {'lower s':>8}")
+            dict(run="warm start (persistent cache)", **warm),
+            dict(run="cold start, warmup() first", **cold_w),
+            dict(run="warm start, warmup() first", **warm_w)]
+    print(f"{'run':32} {'wall s':>8} {'warmup s':>8} {'programs':>9} {'from cache':>10} "
+          f"{'compile s':>10} {'trace s':>8} {'lower s':>8}")
     for r in rows:
-        print(f"{r['run']:32} {r['wall_s']:8.2f} {r['programs']:9d} {r['from_cache']:10d} "
-              f"{r['compile_s']:10.2f} {r['trace_s']:8.2f} {r['lower_s']:8.2f}")
+        warmup_s = f"{r['warmup_s']:8.2f}" if r["warmup_s"] is not None else f"{'':8}"
+        print(f"{r['run']:32} {r['wall_s']:8.2f} {warmup_s} {r['programs']:9d} "
+              f"{r['from_cache']:10d} {r['compile_s']:10.2f} {r['trace_s']:8.2f} "
+              f"{r['lower_s']:8.2f}")
     result = {"bench": "compile", "tiny": args.tiny, "config": args.config, "new": NEW,
               "workload": workload, "commit": git_head(), "rows": rows,
               # Compilation the warm start saves: cold minus warm wall time.

@@ -168,6 +168,13 @@ class Phi3:
 
         return generate(self, prompts, **kwargs)
 
+    def warmup(self, shapes: Sequence[tuple[int, int]], **kwargs: Any) -> int:
+        """Builds generate()'s programs for these (rows, prompt length) shapes before the first
+        request; see phi3_jax.generate.warmup."""
+        from phi3_jax.generate import warmup
+
+        return warmup(self, shapes, **kwargs)
+
 
 def check_token_ids(ids: np.ndarray, vocab_size: int) -> None:
     bad = ids[(ids < 0) | (ids >= vocab_size)]

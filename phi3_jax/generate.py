@@ -29,10 +29,11 @@ prompts get different (usually slightly worse) outputs than transformers' for th
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -294,6 +295,54 @@ def generate(model: Phi3, prompts: Any, *, max_new_tokens: int | None = None,
             for row, reason in zip(ids, reasons, strict=True)]
 
 
+def warmup(model: Phi3, shapes: Iterable[tuple[int, int]], *, threads: int | None = None,
+           **settings: Any) -> int:
+    """Builds, ahead of the first request, the programs generate() runs for a batch of `rows`
+    prompts of `length` tokens, for each (rows, length) in `shapes`, under the generate()
+    `settings` the requests will use (max_new_tokens, sampling, stop_token_ids, rope_policy,
+    compilation_cache): each is compiled, or loaded from the persistent compilation cache, and
+    run once on dummy prompts (the prefill, and the decode loop for zero steps). A request that
+    lands in the same buckets (batch_shapes) with the same settings then compiles nothing; with
+    LongRoPE, also the same answer to whether a row can cross original_max (a prompt of
+    `length` tokens and max_new_tokens decides it here). Returns the number of distinct
+    program pairs built.
+
+    The pairs are built in `threads` worker threads (default: one per pair, up to the CPU
+    count). XLA compiles without holding Python's lock, so compiles overlap: on a 2-core CPU a
+    32-layer model's 10 programs took 59 s of compile in 36 s of wall time (48.8 -> 42.2 s for
+    the whole cold start, benchmarks/RESULTS.md); more cores overlap more.
+    """
+    shapes = list(shapes)
+    if not shapes:
+        raise ValueError("warmup needs at least one (rows, length) shape")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    # generate()'s own settings that build no program of their own, so the same keyword
+    # arguments serve both calls.
+    settings = {k: v for k, v in settings.items() if k not in ("stop", "stream")}
+    requests = {}
+    for shape in shapes:
+        pair = tuple(shape) if isinstance(shape, Sequence) else ()
+        if len(pair) != 2 or any(isinstance(x, bool) or not isinstance(x, int | np.integer)
+                                 or x < 1 for x in pair):
+            raise ValueError(f"a warmup shape is (rows, prompt length), two positive integers; "
+                             f"got {shape!r}")
+        rows, length = pair
+        request = _prepare(model, [[0] * int(length)] * int(rows), **settings)
+        requests.setdefault(_shapes_and_plan(model, request), request)
+
+    def build(request: _Request) -> None:
+        state, decode, _, _ = _launch(model, request)
+        jax.block_until_ready(decode(state, 0))
+
+    workers = threads or min(len(requests), os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for future in [pool.submit(build, r) for r in requests.values()]:
+            future.result()  # re-raises a worker's error
+    return len(requests)
+
+
 def generate_stream(model: Phi3, prompts: Any, *, stop: str | Sequence[str] | None = None,
                     **kwargs: Any) -> Iterator[StreamChunk]:
     """Like `generate`, as an iterator of StreamChunks (one host sync per token)."""
@@ -444,21 +493,12 @@ def batch_shapes(rows: int, prompt_len: int, budget: int,
     return B, Tp, S
 
 
-def _launch(model: Phi3, request: _Request) -> tuple[SamplingState, Callable, int, int]:
-    """Pads and buckets the batch, runs the prefill; returns the state, a `decode(state,
-    end_step)` closure, the bucketed prompt length Tp and the real batch size."""
-    config = model.config
-    mesh = model.mesh
-    n = len(request.prompts)
-    B, Tp, S = batch_shapes(n, max(len(p) for p in request.prompts), max(request.budgets), mesh)
-    tokens = np.zeros((B, Tp), np.int32)
-    positions = np.full((B, Tp), -1, np.int32)
-    limits = np.zeros((B,), np.int32)
-    for i, (row, budget) in enumerate(zip(request.prompts, request.budgets, strict=True)):
-        tokens[i, :len(row)] = row
-        positions[i, :len(row)] = np.arange(len(row))
-        limits[i] = len(row) + budget
-    rs = config.rope_scaling
+def _shapes_and_plan(model: Phi3, request: _Request) -> tuple[int, int, _Plan]:
+    """(B, Tp, plan): what the request compiles (S is plan.cache_len), with equal values for
+    equal programs."""
+    rs = model.config.rope_scaling
+    B, Tp, S = batch_shapes(len(request.prompts), max(len(p) for p in request.prompts),
+                            max(request.budgets), model.mesh)
     always_long = request.rope_policy == "always_long" and rs is not None
     # Only a row that starts at or below original_max and may grow past it can cross. Without
     # one, the decode loop has no re-prefill branch: none to compile, and no lax.cond per step.
@@ -466,7 +506,23 @@ def _launch(model: Phi3, request: _Request) -> tuple[SamplingState, Callable, in
     reprefill = not always_long and rs is not None and any(
         len(row) <= rs.original_max_position_embeddings < len(row) + budget
         for row, budget in zip(request.prompts, request.budgets, strict=True))
-    plan = _Plan(cache_len=S, always_long=always_long, reprefill=reprefill, mesh=mesh)
+    return B, Tp, _Plan(cache_len=S, always_long=always_long, reprefill=reprefill,
+                           mesh=model.mesh)
+
+
+def _launch(model: Phi3, request: _Request) -> tuple[SamplingState, Callable, int, int]:
+    """Pads and buckets the batch, runs the prefill; returns the state, a `decode(state,
+    end_step)` closure, the bucketed prompt length Tp and the real batch size."""
+    mesh = model.mesh
+    n = len(request.prompts)
+    B, Tp, plan = _shapes_and_plan(model, request)
+    tokens = np.zeros((B, Tp), np.int32)
+    positions = np.full((B, Tp), -1, np.int32)
+    limits = np.zeros((B,), np.int32)
+    for i, (row, budget) in enumerate(zip(request.prompts, request.budgets, strict=True)):
+        tokens[i, :len(row)] = row
+        positions[i, :len(row)] = np.arange(len(row))
+        limits[i] = len(row) + budget
     stop_ids = jax.device_put(request.stop_ids)
     # Host scalars go in as numpy values: jnp.asarray would compile a conversion program.
     pad_id = np.int32(request.pad_id)

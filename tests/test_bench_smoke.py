@@ -104,10 +104,15 @@ def test_bench_compile_tiny_run():
                            "--tiny"], capture_output=True, text=True, env=env, timeout=300,
                           cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    cold, steady, warm = json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
+    cold, steady, warm, cold_w, warm_w = json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
     assert cold["programs"] > 0 and cold["from_cache"] == 0
     assert steady["programs"] == 0
     assert warm["programs"] == warm["from_cache"] == cold["programs"]
+    # warmup() builds exactly the workload's programs (the requests then build none): all
+    # compiled on an empty cache, all loaded from it in the next process.
+    assert cold_w["programs"] == cold["programs"] and cold_w["from_cache"] == 0
+    assert warm_w["programs"] == warm_w["from_cache"] == cold["programs"]
+    assert 0 < cold_w["warmup_s"] < cold_w["wall_s"] and cold["warmup_s"] is None
     # A warm start still traces and lowers every program (the cache key hashes the module);
     # the same process again finds them all in jax's in-memory caches.
     assert warm["trace_s"] > 0 and warm["lower_s"] > 0 and steady["lower_s"] == 0
@@ -170,3 +175,19 @@ def test_bench_host_tiny_run():
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
     assert len(rows) == 3 and all(r["ms"] > 0 for r in rows)
+
+
+def test_bench_train_attention_both_tiny_run():
+    """bench_train.py --attention both: at 1024 tokens the kernels run (the blocked attention
+    and its flash backward here) gives the reference's loss with less scratch memory."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--config", "tiny",
+         "--modes", "full", "--batch", "1", "--seq", "1024", "--dtype", "float32", "--steps",
+         "1", "--warmup", "1", "--peak-tflops", "1", "--attention", "both"],
+        capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    kernels, reference = json.loads(proc.stdout.strip().splitlines()[-1])["results"]
+    assert (kernels["attention"], reference["attention"]) == ("kernels", "reference")
+    assert abs(kernels["loss"] - reference["loss"]) <= 1e-5 * abs(reference["loss"])
+    assert kernels["temp_gib"] < reference["temp_gib"]

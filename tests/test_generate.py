@@ -366,6 +366,45 @@ def test_graphdef_is_hashed_once_and_loads_share_programs(tmp_path, count_compil
     assert other.graph != model.graph
 
 
+def test_warmup_builds_what_requests_then_use(tmp_path, count_compiles):
+    """warmup() builds each distinct bucket's prefill and decode once, in worker threads;
+    requests in those buckets with the same settings compile nothing afterwards, and give the
+    tokens an unwarmed model gives."""
+    # An architecture no other test compiles (its own intermediate size).
+    path = make_hf_checkpoint(tmp_path / "ckpt", seed=21, num_hidden_layers=1,
+                              intermediate_size=80)
+    model = phi3_jax.load(path)
+    prefills = gen._prefill._cache_size()
+    # (1, 5) and (1, 9) share bucket 16; (3, 17) is a batch of 4 at 20; (1, 100) is 112.
+    # generate()'s keyword arguments are accepted as they are: stop strings and streaming
+    # build no program of their own.
+    assert model.warmup([(1, 5), (1, 100), (3, 17), (1, 9)], max_new_tokens=4,
+                        stop_token_ids=[7], stream=print, threads=2) == 3
+    assert gen._prefill._cache_size() - prefills == 3
+    count_compiles.clear()
+    requests = [[_prompt(12, seed=1)], [_prompt(97, seed=2)],
+                [_prompt(n, seed=n) for n in (20, 11, 15)]]
+    outs = [model.generate(r, max_new_tokens=4, stop_token_ids=[7]) for r in requests]
+    assert count_compiles == []
+    fresh = phi3_jax.load(path)  # the same programs, run without warmup
+    assert outs == [fresh.generate(r, max_new_tokens=4, stop_token_ids=[7]) for r in requests]
+
+
+def test_warmup_rejects_bad_shapes(longrope_model):
+    model, _ = longrope_model
+    with pytest.raises(ValueError, match="at least one"):
+        model.warmup([])
+    for bad in [(0, 5), (1, -3), (1,), (1.5, 4), (True, 4), 7, "ab"]:
+        with pytest.raises(ValueError, match="rows, prompt length"):
+            model.warmup([bad])
+    with pytest.raises(ValueError, match="leaves no room"):
+        model.warmup([(1, 10**6)])
+    with pytest.raises(ValueError, match="threads"):
+        model.warmup([(1, 5)], threads=0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.warmup([(1, 5)], max_new_tokens=0)
+
+
 def test_bad_requests(longrope_model):
     model, _ = longrope_model
     with pytest.raises(ValueError, match="no tokenizer"):
