@@ -13,8 +13,13 @@ T the sequence length; divided by --peak-tflops (H100 SXM dense bf16: 989).
 --attention both times each mode twice: with the attention training takes ("kernels": cuDNN's
 fused attention on GPUs in bf16/fp16, else the blocked attention with its flash backward from
 512 tokens) and with the plain XLA reference ("reference": [B, N, T, T] fp32 scores, kept for
-the backward pass). "temp GiB" is the compiled step's scratch memory (XLA's memory analysis,
-on any backend); "peak GiB" the device allocator's peak where it reports one (GPUs).
+the backward pass). --loss both does the same for the loss: "chunked" (head_loss_sum, what
+training runs: the head and loss a chunk of positions at a time, recomputed in the backward
+pass) against "full" ([B, T, V] logits and their fp32 copies). "temp GiB" is the compiled
+step's scratch memory (XLA's memory analysis, on any backend); "peak GiB" the device
+allocator's peak where it reports one (GPUs). --compile-only builds the step on abstract
+state (nothing allocated, nothing run) and reports the scratch memory alone: real shapes on
+any machine.
 
 Prints a table, then one JSON line.
 
@@ -22,6 +27,8 @@ Prints a table, then one JSON line.
     python benchmarks/bench_train.py --config tiny --peak-tflops 1   # CPU smoke run
     python benchmarks/bench_train.py --config small --modes full --batch 1 --seq 4096 \
         --dtype float32 --attention both --steps 3 --peak-tflops 1     # CPU: attention
+    python benchmarks/bench_train.py --config phi4mini --modes full --batch 4 --seq 2048 \
+        --loss both --compile-only                                     # memory, any machine
 """
 
 from __future__ import annotations
@@ -43,7 +50,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from phi3_jax import attention
 from phi3_jax.config import Phi3Config
 from phi3_jax.model import Phi3ForCausalLM
+from phi3_jax.train import step as train_step
 from phi3_jax.train.lora import LoRAConfig
+from phi3_jax.train.loss import token_loss_sum
 from phi3_jax.train.optim import OptimConfig, make_optimizer
 from phi3_jax.train.step import (
     build_model_spec,
@@ -56,6 +65,10 @@ CONFIGS = {
     "mini": dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192,
                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                  max_position_embeddings=4096, sliding_window=2047),
+    "phi4mini": dict(vocab_size=200064, hidden_size=3072, intermediate_size=8192,
+                     num_hidden_layers=32, num_attention_heads=24, num_key_value_heads=8,
+                     max_position_embeddings=131072, partial_rotary_factor=0.75,
+                     tie_word_embeddings=True),
     # A CPU-sized model with Phi-3-mini's head dim (8 heads of 96).
     "small": dict(vocab_size=1024, hidden_size=768, intermediate_size=2048, num_hidden_layers=2,
                   num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=16384),
@@ -96,10 +109,16 @@ def reference_attention(on: bool) -> None:
 
 
 DEFAULT_BLOCK = attention.PREFILL_BLOCK
+CHUNKED_LOSS = train_step.head_loss_sum
+
+
+def full_logits_loss(x, head, labels):
+    """The loss on whole [B, T, V] logits: what the train step computed before head_loss_sum."""
+    return token_loss_sum(head(x), labels)
 
 
 def run_mode(config: Phi3Config, mode: str, args: argparse.Namespace,
-             kind: str = "kernels") -> dict:
+             kind: str = "kernels", loss: str = "chunked") -> dict:
     dtype = jnp.dtype(args.dtype)
     lora = LoRAConfig(args.lora_rank, 2.0 * args.lora_rank) if mode == "lora" else None
     remat = args.remat
@@ -107,15 +126,17 @@ def run_mode(config: Phi3Config, mode: str, args: argparse.Namespace,
     optimizer = make_optimizer(OptimConfig(learning_rate=1e-5, total_steps=1000,
                                            warmup_steps=10))
     # Base weights straight on the device: fp32 masters for full fine-tuning, the compute
-    # dtype for LoRA's frozen base.
+    # dtype for LoRA's frozen base. Abstract ones (shapes only) with --compile-only.
     base_dtype = jnp.float32 if lora is None else dtype
-    base = jax.jit(lambda: nnx.split(Phi3ForCausalLM(config, dtype=base_dtype,
-                                                     rngs=nnx.Rngs(0)), nnx.Param)[1]
-                   .to_pure_dict())()
+    make = jax.eval_shape if args.compile_only else (lambda f, *a: jax.jit(f)(*a))
+    base = make(lambda: nnx.split(Phi3ForCausalLM(config, dtype=base_dtype, rngs=nnx.Rngs(0)),
+                                  nnx.Param)[1].to_pure_dict())
     if lora is None:
-        state, frozen = init_train_state(optimizer, base, 0, donate=True), None
+        frozen = None
+        state = make(lambda b: init_train_state(optimizer, b, 0), base)
     else:
-        state, frozen = init_train_state(optimizer, init_lora_params(config, lora, 0), 0), base
+        frozen = base
+        state = make(lambda: init_train_state(optimizer, init_lora_params(config, lora, 0), 0))
     step = make_train_step(spec, optimizer)
     rs = np.random.RandomState(0)
     B, T = args.batch, args.seq
@@ -124,11 +145,18 @@ def run_mode(config: Phi3Config, mode: str, args: argparse.Namespace,
              "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (1, B, T))}
     t0 = time.perf_counter()
     reference_attention(kind == "reference")
+    if loss == "full":
+        train_step.head_loss_sum = full_logits_loss
     try:
         step = step.lower(state, frozen, batch).compile()
     finally:
         reference_attention(False)
+        train_step.head_loss_sum = CHUNKED_LOSS
     temp = step.memory_analysis()
+    temp_gib = temp.temp_size_in_bytes / 2**30 if temp is not None else None
+    if args.compile_only:
+        return {"mode": mode, "attention": kind, "loss_impl": loss, "remat": remat, "batch": B,
+                "seq": T, "temp_gib": temp_gib, "compile_s": time.perf_counter() - t0}
     for _ in range(args.warmup):
         state, metrics = step(state, frozen, batch)
     jax.block_until_ready(metrics)
@@ -145,9 +173,8 @@ def run_mode(config: Phi3Config, mode: str, args: argparse.Namespace,
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         memory = stats["peak_bytes_in_use"] / 2**30
-    return {"mode": mode, "attention": kind, "remat": remat, "batch": B,
-            "seq": T, "step_ms": 1e3 * step_s,
-            "temp_gib": temp.temp_size_in_bytes / 2**30 if temp is not None else None,
+    return {"mode": mode, "attention": kind, "loss_impl": loss, "remat": remat, "batch": B,
+            "seq": T, "step_ms": 1e3 * step_s, "temp_gib": temp_gib,
             "tokens_per_s": tokens_s, "mfu": mfu, "trainable_params": trainable,
             "loss": float(metrics["loss"]), "warmup_s": compile_s, "peak_gib": memory}
 
@@ -167,6 +194,10 @@ def main() -> int:
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--attention", choices=["kernels", "reference", "both"], default="kernels",
                    help="training's attention kernels, the XLA reference, or both in turn")
+    p.add_argument("--loss", choices=["chunked", "full", "both"], default="chunked",
+                   help="training's chunked head + loss, whole logits, or both in turn")
+    p.add_argument("--compile-only", action="store_true",
+                   help="compile on abstract state and report scratch memory; run nothing")
     args = p.parse_args()
     raw = dict(CONFIGS[args.config])
     if args.layers:
@@ -174,28 +205,34 @@ def main() -> int:
     config = Phi3Config(**raw)
     rows = []
     kinds = ["kernels", "reference"] if args.attention == "both" else [args.attention]
+    losses = ["chunked", "full"] if args.loss == "both" else [args.loss]
     for mode in args.modes.split(","):
         for kind in kinds:
-            try:
-                rows.append(run_mode(config, mode, args, kind))
-            except Exception as e:  # an OOM in one run should not hide the others' numbers
-                rows.append({"mode": mode, "attention": kind,
-                             "error": f"{type(e).__name__}: {str(e)[:200]}"})
-            jax.clear_caches()
+            for loss in losses:
+                try:
+                    rows.append(run_mode(config, mode, args, kind, loss))
+                except Exception as e:  # an OOM in one run should not hide the others
+                    rows.append({"mode": mode, "attention": kind, "loss_impl": loss,
+                                 "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                jax.clear_caches()
     device = jax.devices()[0]
     print(f"device {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
           f"config {args.config} ({config.num_hidden_layers} layers), dtype {args.dtype}")
-    print(f"{'mode':6} {'attention':9} {'remat':5} {'B x T':>10} {'step ms':>9} "
+    print(f"{'mode':6} {'attention':9} {'loss':7} {'remat':5} {'B x T':>10} {'step ms':>9} "
           f"{'tokens/s':>10} {'MFU':>6} {'temp GiB':>8} {'peak GiB':>8}")
     for r in rows:
+        head = f"{r['mode']:6} {r['attention']:9} {r['loss_impl']:7}"
         if "error" in r:
-            print(f"{r['mode']:6} {r['attention']:9} failed: {r['error']}")
+            print(f"{head} failed: {r['error']}")
+            continue
+        temp = f"{r['temp_gib']:.2f}" if r["temp_gib"] is not None else "-"
+        if args.compile_only:
+            print(f"{head} {r['remat']!s:5} {r['batch']:>4} x {r['seq']:<5}{'-':>9} {'-':>10} "
+                  f"{'-':>6} {temp:>8} {'-':>8}")
             continue
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
-        temp = f"{r['temp_gib']:.2f}" if r["temp_gib"] is not None else "-"
-        print(f"{r['mode']:6} {r['attention']:9} {r['remat']!s:5} {r['batch']:>4} x "
-              f"{r['seq']:<5}{r['step_ms']:>9.1f} {r['tokens_per_s']:>10,.0f} {r['mfu']:>6.1%} "
-              f"{temp:>8} {peak:>8}")
+        print(f"{head} {r['remat']!s:5} {r['batch']:>4} x {r['seq']:<5}{r['step_ms']:>9.1f} "
+              f"{r['tokens_per_s']:>10,.0f} {r['mfu']:>6.1%} {temp:>8} {peak:>8}")
     print(json.dumps({"bench": "train", "device": device.device_kind,
                       "backend": jax.default_backend(), "jax": jax.__version__,
                       "commit": git_head(), "config": args.config,

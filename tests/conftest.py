@@ -61,6 +61,30 @@ def make_hf_checkpoint(path: pathlib.Path, seed: int = 0, dtype: str = "float32"
 
 
 @pytest.fixture
+def force_blocked(monkeypatch):
+    """force_blocked(block) -> calls: from then on, prefills of 2 * block tokens or more take
+    blocked_causal_attention with `block`-token blocks (PREFILL_BLOCK patched), so short test
+    prompts exercise it; `calls` gets the block size of each trace. jax's caches are cleared
+    on the way in and out: the path is chosen at trace time."""
+    import jax
+
+    from phi3_jax import attention
+
+    calls: list[int] = []
+
+    def force(block: int) -> list[int]:
+        real = attention.blocked_causal_attention
+        monkeypatch.setattr(attention, "PREFILL_BLOCK", block)
+        monkeypatch.setattr(attention, "blocked_causal_attention",
+                            lambda *a: calls.append(a[-1]) or real(*a))
+        jax.clear_caches()
+        return calls
+
+    yield force
+    jax.clear_caches()
+
+
+@pytest.fixture
 def hf_checkpoint(tmp_path):
     """Factory: hf_checkpoint(name="ckpt", seed=0, **config_overrides) -> folder path."""
     def make(name: str = "ckpt", **kwargs) -> pathlib.Path:

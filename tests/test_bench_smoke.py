@@ -189,5 +189,21 @@ def test_bench_train_attention_both_tiny_run():
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     kernels, reference = json.loads(proc.stdout.strip().splitlines()[-1])["results"]
     assert (kernels["attention"], reference["attention"]) == ("kernels", "reference")
+    assert kernels["loss_impl"] == reference["loss_impl"] == "chunked"
     assert abs(kernels["loss"] - reference["loss"]) <= 1e-5 * abs(reference["loss"])
     assert kernels["temp_gib"] < reference["temp_gib"]
+
+
+def test_bench_train_compile_only_tiny_run():
+    """bench_train.py --compile-only --loss both: the step compiled on abstract state with each
+    loss, scratch memory reported, nothing run."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--config", "tiny",
+         "--modes", "full,lora", "--batch", "2", "--seq", "64", "--loss", "both",
+         "--compile-only"], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])["results"]
+    assert [(r["mode"], r["loss_impl"]) for r in rows] == [
+        ("full", "chunked"), ("full", "full"), ("lora", "chunked"), ("lora", "full")]
+    assert all(r["temp_gib"] > 0 and "step_ms" not in r for r in rows)

@@ -144,31 +144,20 @@ def _stepwise_logits(model, prompts, **kwargs):
         state = decode(state, step + 1)
 
 
-def test_blocked_prefill_matches_transformers(longrope_model, window_model, monkeypatch):
+def test_blocked_prefill_matches_transformers(longrope_model, window_model, force_blocked):
     """Long prefills take blocked_causal_attention (here with 4-token blocks, so these short
     prompts are long): the padded batch whose rows cross original_max (the re-prefill runs it
     over the whole cache) and a prompt longer than the sliding window still equal
     transformers, row by row."""
-    from phi3_jax import attention
-
-    calls = []
-    real = attention.blocked_causal_attention
-    monkeypatch.setattr(attention, "PREFILL_BLOCK", 4)
-    monkeypatch.setattr(attention, "blocked_causal_attention",
-                        lambda *a: calls.append(a[-1]) or real(*a))
-    jax.clear_caches()  # the path is chosen at trace time
-    try:
-        model, ref = longrope_model
-        prompts = [_prompt(n, seed=n) for n in (3, 11, 25)]
-        for prompt, out in zip(prompts, model.generate(prompts, max_new_tokens=NEW),
-                               strict=True):
-            assert out.token_ids == _hf_greedy(ref, prompt)
-        model, ref = window_model
-        prompt = _prompt(12, seed=6)
-        [out] = model.generate(prompt, max_new_tokens=NEW)
+    calls = force_blocked(4)
+    model, ref = longrope_model
+    prompts = [_prompt(n, seed=n) for n in (3, 11, 25)]
+    for prompt, out in zip(prompts, model.generate(prompts, max_new_tokens=NEW), strict=True):
         assert out.token_ids == _hf_greedy(ref, prompt)
-    finally:
-        jax.clear_caches()
+    model, ref = window_model
+    prompt = _prompt(12, seed=6)
+    [out] = model.generate(prompt, max_new_tokens=NEW)
+    assert out.token_ids == _hf_greedy(ref, prompt)
     # Traced once per program: two prefills and the re-prefill of the crossing batch.
     assert calls == [4, 4, 4]
 

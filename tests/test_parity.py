@@ -196,25 +196,15 @@ def test_left_padded_batch_matches_each_row_alone(pair, rows, seed):
 
 
 @pytest.mark.parametrize("rows", PADDED_ROWS, ids=lambda r: "-".join(map(str, r)))
-def test_blocked_attention_logits_match_transformers(pair, rows, monkeypatch):
+def test_blocked_attention_logits_match_transformers(pair, rows, force_blocked):
     """model.logits packs each row to the front and runs it as a prefill, so long rows take the
     blocked attention (forced here with 8-token blocks): left padding, per-row LongRoPE
     regimes and a window of 48 that spans several blocks. Padding slots get zero logits."""
-    from phi3_jax import attention
-
-    monkeypatch.setattr(attention, "PREFILL_BLOCK", 8)
-    calls = []
-    real = attention.blocked_causal_attention
-    monkeypatch.setattr(attention, "blocked_causal_attention",
-                        lambda *a: calls.append(a[-1]) or real(*a))
-    jax.clear_caches()  # the path is chosen at trace time
-    try:
-        p = pair("padded", 0)
-        T = max(rows)
-        tokens, ids, mask = left_padded(0, rows, p.ours.config.vocab_size)
-        ours = np.asarray(p.ours.logits(ids, mask))
-    finally:
-        jax.clear_caches()
+    calls = force_blocked(8)
+    p = pair("padded", 0)
+    T = max(rows)
+    tokens, ids, mask = left_padded(0, rows, p.ours.config.vocab_size)
+    ours = np.asarray(p.ours.logits(ids, mask))
     assert calls == [8]  # one trace of the one layer function
     for i, n in enumerate(rows):
         ref = ref_logits(p.ref, tokens[i: i + 1, :n])[0]

@@ -249,18 +249,14 @@ def test_sharded_logits_and_greedy_match_single_device(checkpoints, single, name
 
 
 @pytest.mark.parametrize("name", ["mha", "gqa_nodiv"])
-def test_sharded_blocked_prefill_matches_single_device(checkpoints, single, name, monkeypatch):
+def test_sharded_blocked_prefill_matches_single_device(checkpoints, single, name,
+                                                       force_blocked):
     """The blocked prefill attention (forced here with 4-token blocks) partitions like the
     reference: KV heads split over model (mha) or kept whole (gqa_nodiv), batch over data."""
-    from phi3_jax import attention
-
-    monkeypatch.setattr(attention, "PREFILL_BLOCK", 4)
-    jax.clear_caches()  # the path is chosen at trace time
-    try:
-        model = phi3_jax.load(checkpoints[name], mesh="data=2,model=4")
-        tokens = greedy(model, prompts_for(model.config.vocab_size, batch=8), steps=5)
-    finally:
-        jax.clear_caches()
+    calls = force_blocked(4)
+    model = phi3_jax.load(checkpoints[name], mesh="data=2,model=4")
+    tokens = greedy(model, prompts_for(model.config.vocab_size, batch=8), steps=5)
+    assert calls and set(calls) == {4}
     assert tokens == single[name][1]
 
 

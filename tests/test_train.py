@@ -260,31 +260,79 @@ def test_sharded_step_equals_unsharded(mesh_spec, lora):
         assert len({d for s in emb.addressable_shards for d in [s.device]}) == 8
 
 
-def test_blocked_attention_steps_match_reference_sharded_and_rematerialised(monkeypatch):
+def test_blocked_attention_steps_match_reference_sharded_and_rematerialised(force_blocked):
     """The step declares its right-padded rows, so long rows take the blocked attention and its
     flash backward pass (forced here with 4-token blocks, 4 per row). Steps with it, with remat
     (the custom VJP recomputed inside jax.checkpoint) and sharded over data=2,model=4 (the
     blocked loops partitioned), give the reference attention's losses and weights (SGD: a
     weight tolerance is a gradient tolerance; fp32 sums in another order)."""
-    from phi3_jax import attention
-
     batches = [make_batch(2, 4, 16, seed=s) for s in range(2)]
     ref, _, ref_metrics = run_steps(batches)
-    monkeypatch.setattr(attention, "PREFILL_BLOCK", 4)
-    calls = []
-    real = attention.blocked_causal_attention
-    monkeypatch.setattr(attention, "blocked_causal_attention",
-                        lambda *a: calls.append(a[-1]) or real(*a))
-    jax.clear_caches()  # the path is chosen at trace time
-    try:
-        remat, _, remat_metrics = run_steps(batches, remat=True)
-        sharded, _, sharded_metrics = run_steps(batches, remat=True,
-                                                mesh=sharding.make_mesh("data=2,model=4"))
-    finally:
-        jax.clear_caches()
+    calls = force_blocked(4)
+    remat, _, remat_metrics = run_steps(batches, remat=True)
+    sharded, _, sharded_metrics = run_steps(batches, remat=True,
+                                            mesh=sharding.make_mesh("data=2,model=4"))
     assert calls and set(calls) == {4}
     for state, metrics in ((remat, remat_metrics), (sharded, sharded_metrics)):
         for a, b in zip(metrics, ref_metrics, strict=True):
             np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
             np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-5)
         assert_trees_close(state.params, ref.params, rtol=1e-5, atol=1e-6)
+
+
+def _head_case(B=3, T=11, D=8, V=50, seed=0):
+    rs = np.random.RandomState(seed)
+    x = jnp.asarray(rs.normal(size=(B, T, D)), jnp.float32)
+    w = jnp.asarray(rs.normal(size=(V, D)), jnp.float32)
+    labels = rs.randint(0, V, (B, T))
+    labels[rs.rand(B, T) < 0.3] = IGNORE
+    return x, w, jnp.asarray(labels, jnp.int32)
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 6, 9, 30, 4096])
+def test_head_loss_sum_equals_the_full_logits_loss(chunk_tokens):
+    """head_loss_sum (chunks of positions, each chunk's logits recomputed in the backward pass)
+    against token_loss_sum on the full logits: loss, count and the gradients of x and of the
+    head. Chunk sizes: one position per chunk, chunks that leave padding (10 positions of 3
+    rows in chunks of 2 or 3), and one chunk for everything."""
+    from phi3_jax.train.loss import head_loss_sum, token_loss_sum
+
+    x, w, labels = _head_case()
+
+    def full(x, w):
+        return token_loss_sum(jnp.einsum("BTD,VD->BTV", x, w), labels)
+
+    def chunked(x, w):
+        return head_loss_sum(x, lambda h: jnp.einsum("BTD,VD->BTV", h, w), labels, chunk_tokens)
+
+    (ref, ref_n), ref_grads = jax.value_and_grad(full, argnums=(0, 1), has_aux=True)(x, w)
+    (got, n), grads = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1), has_aux=True))(x, w)
+    assert int(n) == int(ref_n) == int(np.sum(np.asarray(labels)[:, 1:] != IGNORE))
+    # The same per-token losses summed in another order: fp32 rounding of the sum only.
+    np.testing.assert_allclose(float(got), float(ref), rtol=1e-6)
+    for g, r in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(grads[0][:, -1]).max()) == 0.0  # the last position predicts nothing
+
+
+def test_head_loss_sum_keeps_no_full_logits():
+    """Compiled scratch memory of loss + gradients at a large vocabulary: the chunked loss holds
+    one chunk's logits, the plain one several [B, T, V] fp32 arrays."""
+    from phi3_jax.train.loss import head_loss_sum, token_loss_sum
+
+    B, T, D, V = 2, 512, 16, 32768
+    x = jax.ShapeDtypeStruct((B, T, D), jnp.float32)
+    w = jax.ShapeDtypeStruct((V, D), jnp.float32)
+    labels = jax.ShapeDtypeStruct((B, T), jnp.int32)
+
+    def scratch(loss):
+        grad = jax.jit(jax.grad(lambda x, w, labels: loss(x, w, labels)[0], argnums=(0, 1)))
+        return grad.lower(x, w, labels).compile().memory_analysis().temp_size_in_bytes
+
+    full = scratch(lambda x, w, labels: token_loss_sum(jnp.einsum("BTD,VD->BTV", x, w), labels))
+    chunked = scratch(lambda x, w, labels: head_loss_sum(
+        x, lambda h: jnp.einsum("BTD,VD->BTV", h, w), labels, chunk_tokens=128))
+    logits_bytes = B * T * V * 4  # 128 MiB of fp32 logits
+    chunk_bytes = 128 * V * 4  # 16 MiB
+    assert full >= 2 * logits_bytes, full  # logits, their softmax and gradient
+    assert chunked <= 3 * chunk_bytes, (chunked, full)  # a chunk's worth (measured: 2.1)

@@ -88,26 +88,16 @@ def test_loss_and_gradients_match_transformers(hf_checkpoint, case):
 
 
 @pytest.mark.parametrize("case", ["mha-padded", "gqa-window"])
-def test_blocked_attention_gradients_match_transformers(hf_checkpoint, case, monkeypatch):
+def test_blocked_attention_gradients_match_transformers(hf_checkpoint, case, force_blocked):
     """Training declares its right-padded rows, so long rows take the blocked attention and its
     flash backward pass (forced here with 8-token blocks: 5-6 blocks per row, a window of 7
     inside a block and across block edges): loss and every gradient against torch's autograd,
     at the tolerances above."""
-    from phi3_jax import attention
-
-    monkeypatch.setattr(attention, "PREFILL_BLOCK", 8)
-    calls = []
-    real = attention.blocked_causal_attention
-    monkeypatch.setattr(attention, "blocked_causal_attention",
-                        lambda *a: calls.append(a[-1]) or real(*a))
-    jax.clear_caches()  # the path is chosen at trace time
+    calls = force_blocked(8)
     overrides, T, pad = CASES[case]
     path = hf_checkpoint(seed=11, **overrides)
     ids, labels, mask, positions = _batch(5, 3, T, 128, pad)
-    try:
-        config, loss, grads = _jax_loss_and_grads(path, ids, labels, positions)
-    finally:
-        jax.clear_caches()
+    config, loss, grads = _jax_loss_and_grads(path, ids, labels, positions)
     assert calls == [8]  # the layer is traced once, through the blocked path
     ref_loss, ref_grads = _torch_loss_and_grads(path, ids, labels, mask)
     assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), (loss, ref_loss)

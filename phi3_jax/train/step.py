@@ -33,7 +33,7 @@ from phi3_jax import sharding
 from phi3_jax.config import Phi3Config
 from phi3_jax.model import Phi3ForCausalLM
 from phi3_jax.train.lora import LoRAConfig, LoRAParam, add_lora
-from phi3_jax.train.loss import token_loss_sum
+from phi3_jax.train.loss import head_loss_sum
 
 Params = dict  # a pure dict of arrays, nnx.State.to_pure_dict() shaped
 
@@ -164,16 +164,17 @@ def make_loss_fn(spec: ModelSpec) -> Callable:
     phi3_jax.train.data makes). Declaring that layout (`prefill_lengths`) lets attention take
     the causal kernels the prompt prefill uses: cuDNN's fused attention on GPUs in bf16/fp16,
     the blocked attention with its flash backward pass elsewhere from 512 tokens, so no
-    [B, N, T, T] scores are stored for the backward pass.
+    [B, N, T, T] scores are stored for the backward pass. The head and loss go a chunk of
+    positions at a time (head_loss_sum), so no [B, T, V] logits are stored either.
     """
     def loss_fn(trainable: Params, frozen: Params | None, batch: dict) -> tuple[jax.Array, Any]:
         cast = jax.tree.map(lambda p: p.astype(spec.compute_dtype), trainable)
         model = spec.module(cast, frozen)
         positions = batch["positions"]
         lengths = jnp.sum(positions >= 0, axis=1, dtype=jnp.int32)
-        logits, _ = model(batch["input_ids"], positions,
-                          prefill_lengths=lengths)  # [B, T, V]
-        return token_loss_sum(logits, batch["labels"])
+        x, _ = model.hidden_states(batch["input_ids"], positions,
+                                   prefill_lengths=lengths)  # [B, T, D]
+        return head_loss_sum(x, model.head.attend, batch["labels"])
 
     return loss_fn
 
@@ -184,6 +185,8 @@ def make_train_step(spec: ModelSpec, optimizer: optax.GradientTransformation,
     """The jitted step: (state, frozen, batch) -> (state, metrics). `state` is donated.
 
     batch: input_ids, labels, positions, each [A, B, T] int32 (A micro-batches, accumulated).
+    Rows are right-padded: positions 0..n-1 at a row's first n slots, then -1, as
+    phi3_jax.train.data makes them; the causal attention kernels rely on that layout.
     metrics: loss (mean over the step's target tokens), tokens, grad_norm (before clipping),
     learning_rate, finite. A step whose loss or gradient is not finite changes nothing: the
     state comes back as it went in, and the caller decides to stop.
