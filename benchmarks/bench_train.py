@@ -133,7 +133,11 @@ def run_mode(config: Phi3Config, mode: str, args: argparse.Namespace,
                                   nnx.Param)[1].to_pure_dict())
     if lora is None:
         frozen = None
-        state = make(lambda b: init_train_state(optimizer, b, 0), base)
+        if args.compile_only:
+            state = jax.eval_shape(lambda b: init_train_state(optimizer, b, 0), base)
+        else:  # the fp32 masters take the base's buffers: one copy of the weights, not two
+            state = init_train_state(optimizer, base, 0, donate=True)
+        del base
     else:
         frozen = base
         state = make(lambda: init_train_state(optimizer, init_lora_params(config, lora, 0), 0))
