@@ -50,7 +50,7 @@ def head_loss_sum(x: jax.Array, head: Callable[[jax.Array], jax.Array], labels: 
     (the same head matmul per token); only the order of the final sum changes.
 
     Full logits, their fp32 copy and their gradient cost 12+ bytes per token per vocabulary
-    entry: 6.6 GB for 4 x 2048 tokens of Phi-4-mini (200k vocabulary), here one chunk's worth.
+    entry: 20 GB for 4 x 2048 tokens of Phi-4-mini (200k vocabulary); here one chunk's worth.
     Chunks run along the sequence with every row in each, so a batch split over a mesh's data
     axis stays split.
     """
