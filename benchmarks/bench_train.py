@@ -98,16 +98,20 @@ def git_head() -> str:
 
 
 def reference_attention(on: bool) -> None:
-    """Routes training's attention to the plain XLA reference (on) or back to the default.
+    """Routes training's attention to the plain XLA reference (on) or back to what it was.
     Both switches are read when the step is traced."""
     if on:
         os.environ[attention.ATTENTION_ENV] = "xla"
         attention.PREFILL_BLOCK = 1 << 62  # prefill_block() then finds no block: the reference
     else:
-        os.environ.pop(attention.ATTENTION_ENV, None)
+        if DEFAULT_ENV is None:
+            os.environ.pop(attention.ATTENTION_ENV, None)
+        else:
+            os.environ[attention.ATTENTION_ENV] = DEFAULT_ENV
         attention.PREFILL_BLOCK = DEFAULT_BLOCK
 
 
+DEFAULT_ENV = os.environ.get(attention.ATTENTION_ENV)
 DEFAULT_BLOCK = attention.PREFILL_BLOCK
 CHUNKED_LOSS = train_step.head_loss_sum
 

@@ -146,15 +146,13 @@ class Phi3ForCausalLM(nnx.Module):
         return x, cache
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None,
-                 use_long: jax.Array | None = None, prefill_lengths: jax.Array | None = None,
-                 ) -> tuple[jax.Array, KVCache | None]:
+                 use_long: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """Logits [B, T, V] for token ids [B, T] at per-row positions [B, T] (-1 = padding).
 
         With a cache, the T new tokens are written at slots cache.index .. index + T - 1 and
         attend to everything cached; the updated cache is returned. `use_long` [B] overrides the
-        per-row LongRoPE choice (the generator's "always long" policy). `prefill_lengths`: see
-        hidden_states (right-padded rows; the fused or blocked attention, differentiable).
+        per-row LongRoPE choice (the generator's "always long" policy).
         """
-        x, cache = self.hidden_states(tokens, positions, cache, use_long, prefill_lengths)
+        x, cache = self.hidden_states(tokens, positions, cache, use_long)
         logits = self.head.attend(x)
         return logits, cache
