@@ -111,8 +111,9 @@ def trace_only(raw: dict, workload: list, repeats: int) -> list[dict]:
 
     from benchmarks.bench_gpu import abstract_prefill
     from phi3_jax import generate as gen
-    from phi3_jax.api import StaticGraph, abstract_model
+    from phi3_jax.compilation import StaticGraph
     from phi3_jax.config import Phi3Config
+    from phi3_jax.model import abstract_model
 
     config = Phi3Config.from_hf(dict(raw, model_type="phi3"))
     graphdef, params = abstract_model(config, jnp.bfloat16)

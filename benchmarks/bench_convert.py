@@ -16,6 +16,12 @@ Prints a table, then one JSON line; deletes everything it wrote.
     python benchmarks/bench_convert.py                 # 18 layers, 4.47 GB
     python benchmarks/bench_convert.py --export        # also time `phi3-jax export` back
     python benchmarks/bench_convert.py --layers 4 --dir /data   # quick run elsewhere
+    python benchmarks/bench_convert.py --checksums     # also the cost of the checksums
+
+With --checksums it also times, in the same run, what the checksums cost: hashing the converted
+folder as `convert` does when it finishes (its pages still cached), and, in a fresh process,
+verifying it alone from a cold page cache, then `phi3_jax.load(..., dtype="bfloat16")` with and
+without its verification (which runs before the restore), alternated, best of two each, warm.
 """
 
 from __future__ import annotations
@@ -121,9 +127,9 @@ def spot_check(source: str, converted: str) -> int:
     from flax import nnx
 
     from phi3_jax import orbax_checkpoint as ock
-    from phi3_jax.api import abstract_model
     from phi3_jax.config import Phi3Config
     from phi3_jax.hf_weights import HFCheckpoint
+    from phi3_jax.model import abstract_model
 
     config = Phi3Config.from_hf(source)
     checkpoint = HFCheckpoint(source)
@@ -137,6 +143,53 @@ def spot_check(source: str, converted: str) -> int:
         if not np.array_equal(got[spec.path], spec.to_jax(checkpoint[spec.hf_name])):
             raise SystemExit(f"{spec.hf_name} differs after conversion")
     return len(picks)
+
+
+CHECKSUM_PROBE = """
+import json, sys, time
+from phi3_jax import orbax_checkpoint as ock
+import phi3_jax
+path = sys.argv[1]
+meta = ock.read_metadata(path)
+t = time.perf_counter(); ock.verify_checkpoint(path, meta); cold = time.perf_counter() - t
+verify = ock.verify_checkpoint
+times = {True: [], False: []}
+for checked in (False, True, False, True):  # alternated, warm page cache
+    ock.verify_checkpoint = verify if checked else (lambda *args: None)
+    t = time.perf_counter(); phi3_jax.load(path, dtype="bfloat16")
+    times[checked].append(time.perf_counter() - t)
+ock.verify_checkpoint = verify
+t = time.perf_counter(); ock.verify_checkpoint(path, meta); warm = time.perf_counter() - t
+print(json.dumps({"verify_cold_s": cold, "verify_warm_s": warm, "load_s": min(times[True]),
+                  "load_unverified_s": min(times[False])}))
+"""
+
+
+def checksum_costs(converted: str, convert_s: float) -> tuple[list, dict]:
+    """What the checksums add to convert (hashing the fresh output) and to load (verifying)."""
+    from phi3_jax import checksums
+
+    t = time.perf_counter()
+    checksums.record(converted)
+    record_s = time.perf_counter() - t
+    evict(converted)
+    proc = subprocess.run([sys.executable, "-c", CHECKSUM_PROBE, converted], capture_output=True,
+                          text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    if proc.returncode != 0:
+        raise SystemExit(f"checksum probe failed:\n{proc.stderr[-3000:]}")
+    probe = json.loads(proc.stdout.strip().splitlines()[-1])
+    share = record_s / (convert_s - record_s)
+    extra = probe["load_s"] / probe["load_unverified_s"] - 1
+    rows = [("hash output (in convert)", f"{record_s:.1f} s = {share:.0%} of the rest"),
+            ("verify alone, cold / warm cache", f"{probe['verify_cold_s']:.1f} s / "
+                                                f"{probe['verify_warm_s']:.1f} s"),
+            ("load bf16 verified / unverified",
+             f"{probe['load_s']:.1f} s / {probe['load_unverified_s']:.1f} s ({extra:+.0%})")]
+    return rows, {"checksum_record_s": round(record_s, 2),
+                  "checksum_verify_cold_s": round(probe["verify_cold_s"], 2),
+                  "checksum_verify_warm_s": round(probe["verify_warm_s"], 2),
+                  "load_bf16_s": round(probe["load_s"], 2),
+                  "load_bf16_unverified_s": round(probe["load_unverified_s"], 2)}
 
 
 def git_head() -> str:
@@ -154,6 +207,8 @@ def main() -> int:
                         "about 2.1x the checkpoint size free)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--export", action="store_true", help="also time the export back to HF")
+    parser.add_argument("--checksums", action="store_true",
+                        help="also time hashing and verifying the converted checkpoint")
     args = parser.parse_args()
     if not os.path.exists("/usr/bin/time"):
         raise SystemExit("needs GNU time: apt-get install -y time")
@@ -201,6 +256,10 @@ def main() -> int:
             "orbax_bytes": stored, "generate_s": round(generate_s, 1),
             "tensors_spot_checked": checked,
         }
+        if args.checksums:
+            more, figures = checksum_costs(converted, run["inner_s"] or run["wall_s"])
+            rows += more
+            result.update(figures)
         if args.export:
             exported = os.path.join(work, "exported")
             evict(converted)

@@ -142,8 +142,7 @@ def random_model(config):
     import jax.numpy as jnp
     from flax import nnx
 
-    from phi3_jax.api import abstract_model
-    from phi3_jax.model import Phi3ForCausalLM
+    from phi3_jax.model import Phi3ForCausalLM, abstract_model
 
     graphdef, _ = abstract_model(config, jnp.bfloat16)
     params = jax.jit(lambda: nnx.split(
@@ -181,7 +180,7 @@ def run_jax(raw: dict, cases: list, deadline: float) -> None:
 
     from phi3_jax import generate as gen
     from phi3_jax.api import Phi3
-    from phi3_jax.attention import decode_impl, prefill_impl
+    from phi3_jax.attention import choose_kernels
     from phi3_jax.config import Phi3Config
 
     config = Phi3Config.from_hf(dict(raw, model_type="phi3"))
@@ -191,7 +190,8 @@ def run_jax(raw: dict, cases: list, deadline: float) -> None:
     graphdef, params = random_model(config)
     emit({"engine": "phi3-jax", "case": "init", "s": time.perf_counter() - t0,
           "device": device.device_kind, "jax": jax.__version__,
-          "prefill_attention": prefill_impl(jnp.bfloat16), "decode_attention": decode_impl()})
+          "prefill_attention": choose_kernels("auto", jnp.bfloat16).prefill,
+          "decode_attention": choose_kernels("auto", jnp.bfloat16).decode})
     model = Phi3(config, graphdef, params, generation_config={})
     sampler = gen.make_sampler(0.0)
     stop_ids = jnp.full((8,), -1, jnp.int32)

@@ -47,7 +47,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from phi3_jax import attention
+from phi3_jax.attention import choose_kernels
 from phi3_jax.config import Phi3Config
 from phi3_jax.model import Phi3ForCausalLM
 from phi3_jax.train import step as train_step
@@ -97,22 +97,6 @@ def git_head() -> str:
         return "unknown"
 
 
-def reference_attention(on: bool) -> None:
-    """Routes training's attention to the plain XLA reference (on) or back to what it was.
-    Both switches are read when the step is traced."""
-    if on:
-        os.environ[attention.ATTENTION_ENV] = "xla"
-        attention.PREFILL_BLOCK = 1 << 62  # prefill_block() then finds no block: the reference
-    else:
-        if DEFAULT_ENV is None:
-            os.environ.pop(attention.ATTENTION_ENV, None)
-        else:
-            os.environ[attention.ATTENTION_ENV] = DEFAULT_ENV
-        attention.PREFILL_BLOCK = DEFAULT_BLOCK
-
-
-DEFAULT_ENV = os.environ.get(attention.ATTENTION_ENV)
-DEFAULT_BLOCK = attention.PREFILL_BLOCK
 CHUNKED_LOSS = train_step.head_loss_sum
 
 
@@ -126,7 +110,9 @@ def run_mode(config: Phi3Config, mode: str, args: argparse.Namespace,
     dtype = jnp.dtype(args.dtype)
     lora = LoRAConfig(args.lora_rank, 2.0 * args.lora_rank) if mode == "lora" else None
     remat = args.remat
-    spec, _, _ = build_model_spec(config, dtype, remat=remat, lora=lora)
+    # The reference: the plain XLA attention, with its [B, N, T, T] scores kept for backward.
+    kernels = choose_kernels("xla" if kind == "reference" else "auto", dtype)
+    spec, _, _ = build_model_spec(config, dtype, remat=remat, lora=lora, kernels=kernels)
     optimizer = make_optimizer(OptimConfig(learning_rate=1e-5, total_steps=1000,
                                            warmup_steps=10))
     # Base weights straight on the device: fp32 masters for full fine-tuning, the compute
@@ -152,13 +138,11 @@ def run_mode(config: Phi3Config, mode: str, args: argparse.Namespace,
     batch = {"input_ids": jnp.asarray(ids), "labels": jnp.asarray(ids),
              "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (1, B, T))}
     t0 = time.perf_counter()
-    reference_attention(kind == "reference")
     if loss == "full":
         train_step.head_loss_sum = full_logits_loss
     try:
         step = step.lower(state, frozen, batch).compile()
     finally:
-        reference_attention(False)
         train_step.head_loss_sum = CHUNKED_LOSS
     temp = step.memory_analysis()
     temp_gib = temp.temp_size_in_bytes / 2**30 if temp is not None else None

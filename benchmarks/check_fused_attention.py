@@ -9,8 +9,9 @@
    through the fp32 reference; each must stay within bf16 roundings, as close as reverse mode
    through the bf16 reference gets. Padding rows of the bf16 gradients must be finite.
 4. Model: a small random Phi-3 (GQA, sliding window 16) on a padded batch through generate():
-   first-token logits and greedy tokens with PHI3_JAX_ATTENTION=fast vs =xla. bf16 logits must
-   agree within a bf16 bound; the fp32 model (fast decode, XLA prefill) must give identical tokens.
+   first-token logits and greedy tokens with attention="auto" (fast) vs "xla". bf16 logits must
+   agree within a bf16 bound; the fp32 model (fast decode, blocked prefill) must give identical
+   tokens.
 Prints a table and a final JSON line; exits 1 when a check fails. Needs a GPU.
 """
 
@@ -31,13 +32,12 @@ from flax import nnx
 from phi3_jax import generate as gen
 from phi3_jax.api import Phi3
 from phi3_jax.attention import (
-    ATTENTION_ENV,
     attention_mask,
     blocked_causal_attention,
     causal_attention,
+    choose_kernels,
     decode_attention,
     dot_product_attention,
-    prefill_impl,
 )
 from phi3_jax.config import Phi3Config
 from phi3_jax.model import Phi3ForCausalLM
@@ -141,13 +141,12 @@ def model_checks() -> list[dict]:
     prompts = [rs.randint(3, 500, n).tolist() for n in (48, 41, 20, 33)]
     rows = []
     for dtype in (jnp.bfloat16, jnp.float32):
-        module = Phi3ForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0))
-        graphdef, params = nnx.split(module)
-        model = Phi3(config, graphdef, params, generation_config={})
         out = {}
         for impl in ("xla", "fast"):
-            os.environ[ATTENTION_ENV] = impl
-            jax.clear_caches()  # the switch is read at trace time
+            kernels = choose_kernels("auto" if impl == "fast" else "xla", dtype)
+            module = Phi3ForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0), kernels=kernels)
+            graphdef, params = nnx.split(module)
+            model = Phi3(config, graphdef, params, generation_config={})
             with jax.default_matmul_precision("highest" if dtype == jnp.float32 else None):
                 request = gen._prepare(model, prompts, max_new_tokens=24, temperature=0.0)
                 state, _, _, _ = gen._launch(model, request)
@@ -157,7 +156,7 @@ def model_checks() -> list[dict]:
                 # One row alone too: its decode gives o_proj a second row on the fast path.
                 tokens += [model.generate(prompts[0], max_new_tokens=24,
                                           temperature=0.0)[0].token_ids]
-            out[impl] = (logits, tokens, prefill_impl(dtype))
+            out[impl] = (logits, tokens, kernels.prefill)
         (lx, tx, _), (lf, tf, pf) = out["xla"], out["fast"]
         diff = float(np.abs(lf - lx).max())
         scale = float(np.abs(lx).max())
@@ -165,14 +164,13 @@ def model_checks() -> list[dict]:
         name = jnp.dtype(dtype).name
         if dtype == jnp.float32:
             bound = 1e-4 * scale
-            ok = pf == "xla" and diff <= bound and same == len(tx)
+            ok = pf == "blocked" and diff <= bound and same == len(tx)
         else:
             bound = 4 * BF16_ULP * scale
             ok = pf == "cudnn" and diff <= bound
         rows.append({"check": f"model {name}", "prefill_under_fast": pf,
                      "max_abs_logit_diff": diff, "logit_scale": scale, "bound": bound,
                      "greedy_rows_identical": f"{same}/{len(tx)}", "ok": bool(ok)})
-    os.environ.pop(ATTENTION_ENV, None)
     return rows
 
 

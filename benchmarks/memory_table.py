@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 
 from phi3_jax import sharding
-from phi3_jax.api import abstract_model
 from phi3_jax.cache import KVCache
 from phi3_jax.config import Phi3Config
+from phi3_jax.model import abstract_model
 
 FIXTURES = pathlib.Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "configs"
 DEFAULT_CONFIGS = {"Phi-3-medium": FIXTURES / "phi3_medium_4k.json",

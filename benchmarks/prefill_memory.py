@@ -25,18 +25,20 @@ import jax.numpy as jnp
 
 from benchmarks.bench_gpu import MINI, TINY, abstract_prefill
 from benchmarks.machine import print_result
-from phi3_jax import attention
 from phi3_jax import generate as gen
-from phi3_jax.api import StaticGraph, abstract_model
+from phi3_jax.attention import Kernels
+from phi3_jax.compilation import StaticGraph
 from phi3_jax.config import Phi3Config
+from phi3_jax.model import abstract_model
 
 # (B, T, S): the batches that ran out of memory with cuDNN in stop 9, and long single prompts.
 CASES = [(64, 960, 1024), (16, 4096, 4096), (1, 32768, 32768), (1, 114688, 131072)]
 TINY_CASES = [(2, 32, 64), (1, 64, 64)]
 
 
-def prefill_memory(config: Phi3Config, B: int, T: int, S: int) -> dict:
-    graphdef, params = abstract_model(config, jnp.bfloat16)
+def prefill_memory(config: Phi3Config, B: int, T: int, S: int, impl: str) -> dict:
+    kernels = Kernels(prefill=impl, decode="einsum", two_row_gemv=False)
+    graphdef, params = abstract_model(config, jnp.bfloat16, kernels)
     args, plan = abstract_prefill(StaticGraph(graphdef), params, B, T, S)
     compiled = gen._prefill.lower(*args, plan=plan).compile()
     m = compiled.memory_analysis()
@@ -55,11 +57,10 @@ def main() -> int:
     config = Phi3Config(**dict(raw, eos_token_id=(raw["eos_token_id"],),
                                num_hidden_layers=args.layers))
     impls = ("xla",) if args.tiny else ("xla", "cudnn")
-    real_prefill, real_barrier = attention.prefill_impl, jax.lax.optimization_barrier
+    real_barrier = jax.lax.optimization_barrier
     rows = []
     try:
         for impl in impls:
-            attention.prefill_impl = lambda dtype, impl=impl: impl
             for barrier in (True, False):
                 jax.lax.optimization_barrier = real_barrier if barrier else (lambda x: x)
                 jax.clear_caches()
@@ -67,13 +68,13 @@ def main() -> int:
                     row = dict(impl=impl, barrier=barrier, B=B, T=T, S=S,
                                layers=args.layers)
                     try:
-                        row.update(prefill_memory(config, B, T, S))
+                        row.update(prefill_memory(config, B, T, S, impl))
                     except Exception as e:  # a compile that fails still says why
                         row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
                     rows.append(row)
                     print(row, flush=True)
     finally:
-        attention.prefill_impl, jax.lax.optimization_barrier = real_prefill, real_barrier
+        jax.lax.optimization_barrier = real_barrier
     print_result({"bench": "prefill_memory", "device": jax.devices()[0].device_kind,
                   "jax": jax.__version__, "rows": rows}, args.out, "prefill_memory.json")
     return 0

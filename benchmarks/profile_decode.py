@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from benchmarks.bench_gpu import BW_TBS, MINI, NEW, TINY, counts, decode_bytes, random_model
 from benchmarks.machine import print_result
 from phi3_jax import generate as gen
-from phi3_jax.api import StaticGraph
+from phi3_jax.compilation import StaticGraph
 from phi3_jax.config import Phi3Config
 
 

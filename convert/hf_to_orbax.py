@@ -20,29 +20,40 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from convert.atomic import atomic_directory, check_destination, check_interrupted
 from phi3_jax import orbax_checkpoint as ock
-from phi3_jax.api import DTYPES, abstract_model
+from phi3_jax.atomic import atomic_directory, check_destination
+from phi3_jax.checkpoint_files import checkpoint_file
 from phi3_jax.config import Phi3Config
 from phi3_jax.hf_weights import HFCheckpoint, TensorSpec
+from phi3_jax.interrupts import check_interrupted
+from phi3_jax.model import abstract_model
+from phi3_jax.params import COMPUTE_DTYPES, resolve_dtype
 
 SIDE_FILES = ("generation_config.json",)
 
 
 def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | None = None,
-            force: bool = False, progress: bool = True) -> dict[str, Any]:
+            force: bool = False, progress: bool = True,
+            allow_nonfinite: bool = False) -> dict[str, Any]:
     """Converts a Hugging Face Phi-3 folder into a phi3-jax Orbax checkpoint at `out_dir`.
 
     `dtype` ("bfloat16", "float32", "float16") defaults to the checkpoint's own. An existing
     `out_dir` is refused unless `force`, and then replaced only once the new one is complete.
-    Returns the metadata record written with the checkpoint.
+    Returns the metadata record written with the checkpoint. A tensor holding NaN or infinity
+    is refused by name unless `allow_nonfinite`. A GGUF file or an Ollama model name
+    ('ollama:phi3:mini') is read by phi3_jax.gguf instead.
     """
+    from phi3_jax import gguf
+
+    if gguf.is_gguf_source(hf_dir):
+        return gguf.convert_gguf(hf_dir, out_dir, dtype=dtype, force=force, progress=progress,
+                                 allow_nonfinite=allow_nonfinite)
     hf_dir = os.path.abspath(hf_dir)
     if not os.path.isdir(hf_dir):
         raise FileNotFoundError(f"no model folder at {hf_dir}")
-    check_destination(out_dir, force, sources=(hf_dir,))
+    out_dir = check_destination(out_dir, force, sources=(hf_dir,))
     config = Phi3Config.from_hf(hf_dir)
-    checkpoint = HFCheckpoint(hf_dir)
+    checkpoint = HFCheckpoint(hf_dir, allow_nonfinite=allow_nonfinite)
     specs = checkpoint.check(config)
     target = _target_dtype(dtype, checkpoint, specs)
     _, abstract = abstract_model(config, target)
@@ -50,7 +61,7 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | 
     total = sum(int(np.prod(shapes[s.path])) * target.itemsize for s in specs)
 
     start = time.perf_counter()
-    with atomic_directory(out_dir, force) as tmp, tqdm(
+    with atomic_directory(out_dir, force, sources=(hf_dir,)) as tmp, tqdm(
             total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert",
             disable=not progress, leave=False) as bar:
         tensors = {}
@@ -61,47 +72,53 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | 
         ock.save_params(os.path.join(tmp, ock.PARAMS_DIR), tensors)
         check_interrupted()
         tokenizer_files = _copy_side_files(hf_dir, tmp, target)
-        meta = {
-            "format": ock.FORMAT,
-            "format_version": ock.FORMAT_VERSION,
-            "source": hf_dir,
-            "source_dtypes": sorted({_dtype_name(checkpoint[s.hf_name].dtype) for s in specs}),
-            "dtype": _dtype_name(target),
-            "tensor_count": len(specs),
-            "parameter_count": int(sum(np.prod(shapes[s.path]) for s in specs)),
-            "bytes": total,
-            "params": ock.PARAMS_DIR,
-            "tokenizer_files": tokenizer_files,
-            "phi3_jax_version": _version(),
-            "orbax_checkpoint_version": ock.orbax_version(),
-        }
-        # Written last: its presence is what marks the folder a complete checkpoint.
-        with open(os.path.join(tmp, ock.MARKER), "w") as f:
-            json.dump(meta, f, indent=2)
+        source_dtypes = sorted({_dtype_name(checkpoint[s.hf_name].dtype) for s in specs})
+        check_interrupted()
+        meta = write_record(tmp, hf_dir, source_dtypes, target, specs, shapes, tokenizer_files)
     meta["seconds"] = time.perf_counter() - start
     return meta
+
+
+def write_record(folder: str, source: str, source_dtypes: list[str], dtype: np.dtype,
+                 specs: list[TensorSpec], shapes: dict, tokenizer_files: list[str]) -> dict:
+    """Writes the checkpoint's metadata record, last, with the checksums of every other file
+    (orbax_checkpoint.write_metadata): its presence is what marks the folder a complete
+    checkpoint. Returns the record."""
+    meta = {
+        "format": ock.FORMAT,
+        "format_version": ock.FORMAT_VERSION,
+        "source": source,
+        "source_dtypes": source_dtypes,
+        "dtype": _dtype_name(dtype),
+        "tensor_count": len(specs),
+        "parameter_count": int(sum(np.prod(shapes[s.path]) for s in specs)),
+        "bytes": int(sum(np.prod(shapes[s.path]) for s in specs)) * np.dtype(dtype).itemsize,
+        "params": ock.PARAMS_DIR,
+        "tokenizer_files": tokenizer_files,
+        "phi3_jax_version": _version(),
+        "orbax_checkpoint_version": ock.orbax_version(),
+    }
+    return ock.write_metadata(folder, meta)
 
 
 def _target_dtype(dtype: str | None, checkpoint: HFCheckpoint,
                   specs: list[TensorSpec]) -> np.dtype:
     if dtype is not None:
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not supported; choose from {sorted(DTYPES)}")
-        return np.dtype(DTYPES[dtype])
+        return np.dtype(resolve_dtype(dtype))
     found = {np.dtype(checkpoint[s.hf_name].dtype) for s in specs}
-    supported = {np.dtype(d) for d in DTYPES.values()}
+    supported = {np.dtype(d) for d in COMPUTE_DTYPES.values()}
     if len(found) == 1 and found <= supported:
         return found.pop()
     names = sorted(map(_dtype_name, found))
     raise ValueError(f"{checkpoint.path} stores {', '.join(names)} tensors; pass --dtype "
-                     f"(one of {', '.join(sorted(DTYPES))})")
+                     f"(one of {', '.join(sorted(COMPUTE_DTYPES))})")
 
 
 def _reader(checkpoint: HFCheckpoint, spec: TensorSpec, dtype: np.dtype):
     def produce() -> np.ndarray:
         check_interrupted()  # between tensors: nothing is in flight
         # A memory-mapped view; when layout and dtype already match, it is written as it is.
-        return relayout(spec.to_jax, checkpoint[spec.hf_name]).astype(dtype, copy=False)
+        return relayout(spec.to_jax, checkpoint.read(spec.hf_name)).astype(dtype, copy=False)
     return produce
 
 
@@ -134,7 +151,7 @@ def _copy_side_files(hf_dir: str, out: str, dtype: np.dtype) -> list[str]:
         json.dump(config, f, indent=2)
     for name in SIDE_FILES:
         if os.path.isfile(os.path.join(hf_dir, name)):
-            shutil.copy2(os.path.join(hf_dir, name), os.path.join(out, name))
+            shutil.copy2(checkpoint_file(hf_dir, name, what=name), os.path.join(out, name))
     return copy_tokenizer(hf_dir, out)
 
 

@@ -17,49 +17,60 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from convert.atomic import atomic_directory, check_destination, check_interrupted
 from convert.hf_to_orbax import SIDE_FILES, copy_tokenizer, relayout
+from phi3_jax import finite
 from phi3_jax import orbax_checkpoint as ock
-from phi3_jax.api import abstract_model, resolve_dtype
+from phi3_jax.atomic import atomic_directory, check_destination
+from phi3_jax.checkpoint_files import check_tree, checkpoint_file
 from phi3_jax.config import Phi3Config
 from phi3_jax.hf_weights import TensorSpec, parse_size, tensor_specs, write_hf_tensors
+from phi3_jax.interrupts import check_interrupted
+from phi3_jax.model import abstract_model
+from phi3_jax.params import resolve_dtype
 
 Path = tuple[str | int, ...]
 
 
 def export(orbax_dir: str | os.PathLike, hf_dir: str | os.PathLike,
            max_shard_size: str | int = "2GB", force: bool = False,
-           progress: bool = True) -> list[str]:
+           progress: bool = True, allow_nonfinite: bool = False) -> list[str]:
     """Writes the checkpoint as a Hugging Face folder; returns the file names written.
 
     Shards past `max_shard_size` (with model.safetensors.index.json); a tied model has no
-    lm_head.weight. An existing `hf_dir` is refused unless `force`.
+    lm_head.weight. An existing `hf_dir` is refused unless `force`. A parameter holding NaN or
+    infinity is refused by name unless `allow_nonfinite`.
     """
     orbax_dir = os.path.abspath(orbax_dir)
     if not os.path.isdir(orbax_dir):
         raise FileNotFoundError(f"no checkpoint folder at {orbax_dir}")
+    checkpoint_file(orbax_dir, ock.MARKER, what=ock.MARKER)  # its own file, not a link out
     meta = ock.read_metadata(orbax_dir)
-    check_destination(hf_dir, force, sources=(orbax_dir,))
+    hf_dir = check_destination(hf_dir, force, sources=(orbax_dir,))
     parse_size(max_shard_size)  # a bad size fails before anything is written
-    config = Phi3Config.from_hf(orbax_dir)
-    dtype = resolve_dtype(meta["dtype"])
-    _, abstract = abstract_model(config, dtype)
-    shapes = {path: tuple(var.shape) for path, var in nnx.to_flat_state(abstract)}
-    specs = tensor_specs(config)
-    total = sum(int(np.prod(s.hf_shape)) * dtype.itemsize for s in specs)
-
-    with atomic_directory(hf_dir, force) as tmp, tqdm(
-            total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="export",
-            disable=not progress, leave=False) as bar:
-        reader = _LayerReader(os.path.join(orbax_dir, meta.get("params", ock.PARAMS_DIR)),
-                              [s.path for s in specs], shapes, dtype)
-        tensors = [(s.hf_name, _PendingTensor(s, dtype, reader.get, bar.update)) for s in specs]
-        files = write_hf_tensors(tmp, tensors, max_shard_size, metadata={"format": "pt"})
-        shutil.copy2(os.path.join(orbax_dir, "config.json"), os.path.join(tmp, "config.json"))
+    # Every file read is checked against its checksum, before the output is renamed into place.
+    with atomic_directory(hf_dir, force, sources=(orbax_dir,)) as tmp, \
+            ock.verifying(orbax_dir, meta):
+        config = Phi3Config.from_hf(orbax_dir)
+        dtype = resolve_dtype(meta["dtype"])
+        _, abstract = abstract_model(config, dtype)
+        shapes = {path: tuple(var.shape) for path, var in nnx.to_flat_state(abstract)}
+        specs = tensor_specs(config)
+        total = sum(int(np.prod(s.hf_shape)) * dtype.itemsize for s in specs)
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="export",
+                  disable=not progress, leave=False) as bar:
+            params = meta.get("params", ock.PARAMS_DIR)  # a name the checkpoint gives: its own
+            check_tree(orbax_dir, params, what=f"{ock.MARKER}'s \"params\"")
+            reader = _LayerReader(os.path.join(orbax_dir, params), [s.path for s in specs],
+                                  shapes, dtype, allow_nonfinite)
+            tensors = [(s.hf_name, _PendingTensor(s, dtype, reader.get, bar.update))
+                       for s in specs]
+            files = write_hf_tensors(tmp, tensors, max_shard_size, metadata={"format": "pt"})
+        shutil.copy2(checkpoint_file(orbax_dir, "config.json", what="config.json"),
+                     os.path.join(tmp, "config.json"))
         files.append("config.json")
         for name in SIDE_FILES:
             if os.path.isfile(os.path.join(orbax_dir, name)):
-                shutil.copy2(os.path.join(orbax_dir, name), os.path.join(tmp, name))
+                shutil.copy2(checkpoint_file(orbax_dir, name, what=name), os.path.join(tmp, name))
                 files.append(name)
         files += copy_tokenizer(orbax_dir, tmp)
     return files
@@ -74,8 +85,9 @@ class _LayerReader:
     """Restores one group of parameters at a time and hands each array out once."""
 
     def __init__(self, directory: str, paths: list[Path], shapes: dict[Path, tuple[int, ...]],
-                 dtype: np.dtype):
+                 dtype: np.dtype, allow_nonfinite: bool = False):
         self.directory, self.shapes, self.dtype = directory, shapes, dtype
+        self.allow_nonfinite = allow_nonfinite
         self.groups: dict[Any, list[Path]] = {}
         for path in paths:
             self.groups.setdefault(_group(path), []).append(path)
@@ -89,6 +101,8 @@ class _LayerReader:
         if array.dtype != self.dtype:
             raise ock.OrbaxCheckpointError(f"{self.directory}: parameter {ock.param_name(path)} "
                                            f"is stored as {array.dtype}, not {self.dtype}")
+        if not self.allow_nonfinite:
+            finite.check_host(array, ock.param_name(path), self.directory)
         return array
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -14,65 +13,16 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from phi3_jax import sharding
-from phi3_jax.config import Phi3Config
+from phi3_jax import finite, orbax_checkpoint, sharding
+from phi3_jax.attention import Kernels, choose_kernels
+from phi3_jax.checkpoint_files import check_tree
+from phi3_jax.compilation import StaticGraph, bucket_length
+from phi3_jax.config import Phi3Config, read_generation_config
+from phi3_jax.engine import Completion, Engine, GenerationSettings
+from phi3_jax.engine.request import check_token_ids
 from phi3_jax.hf_weights import HFCheckpoint
-from phi3_jax.model import Phi3ForCausalLM
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def resolve_dtype(dtype: str | jnp.dtype) -> jnp.dtype:
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not supported; choose from {sorted(DTYPES)}")
-        return jnp.dtype(DTYPES[dtype])
-    dtype = jnp.dtype(dtype)
-    if dtype not in {jnp.dtype(d) for d in DTYPES.values()}:
-        raise ValueError(f"dtype {dtype} is not supported; choose from {sorted(DTYPES)}")
-    return dtype
-
-
-def abstract_model(config: Phi3Config, dtype: str | jnp.dtype = "float32",
-                   ) -> tuple[nnx.GraphDef, nnx.State]:
-    """The model's graph and its parameters as ShapeDtypeStructs, allocating nothing."""
-    dtype = resolve_dtype(dtype)
-    model = nnx.eval_shape(lambda: Phi3ForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
-    return nnx.split(model)
-
-
-def bucket_length(n: int, minimum: int = 16, per_octave: int = 1) -> int:
-    """The smallest bucket >= n (at least `minimum`). Buckets split each octave (2^k, 2^(k+1)]
-    into `per_octave` equal steps: 1 gives powers of two; 4 wastes at most 25% of a length for
-    4 compiled shapes per octave. Either way recompiles stay logarithmic in the range."""
-    if n <= minimum:
-        return minimum
-    top = 1 << (n - 1).bit_length()  # the power of two >= n
-    step = max(1, top // (2 * per_octave))
-    return -(-n // step) * step
-
-
-class StaticGraph:
-    """A model's graphdef as a jit static argument, hashed once.
-
-    jit hashes its static arguments on every call, and a GraphDef rehashes its whole node tree
-    each time: 2 ms for Phi-3-mini's 32 layers on a 2-core CPU, per dispatch, which a streamed
-    generation pays per token. Equal graphdefs still make equal keys, so two loads of one
-    architecture share their compiled programs.
-    """
-
-    __slots__ = ("_hash", "graphdef")
-
-    def __init__(self, graphdef: nnx.GraphDef):
-        self.graphdef = graphdef
-        self._hash = hash(graphdef)
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __eq__(self, other: object) -> bool:
-        return self is other or (isinstance(other, StaticGraph) and self._hash == other._hash
-                                 and self.graphdef == other.graphdef)
+from phi3_jax.model import Phi3ForCausalLM, abstract_model
+from phi3_jax.params import fill_state, place, resolve_dtype
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -111,6 +61,11 @@ class Phi3:
     @graphdef.setter
     def graphdef(self, graphdef: nnx.GraphDef) -> None:
         self.graph = StaticGraph(graphdef)  # what the jitted functions take
+
+    @property
+    def kernels(self) -> Kernels:
+        """The attention computations chosen at load (`load(..., attention=...)`)."""
+        return self.module().kernels
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -162,100 +117,104 @@ class Phi3:
         arrays = (sharding.put_batch(a, self.mesh) for a in (tokens, lengths, out_slots))
         return _forward(self.graph, self.params, *arrays)[:, :T]
 
-    def generate(self, prompts: Any, **kwargs: Any) -> Any:
-        """Generates from prompts (strings or token-id lists); see phi3_jax.generate.generate."""
+    def generate(self, prompts: Any, settings: GenerationSettings | None = None,
+                 **kwargs: Any) -> list[Completion]:
+        """Continuations of prompts (strings, token-id lists or chats) through the inference
+        engine; see phi3_jax.generate.generate for the settings."""
         from phi3_jax.generate import generate
 
-        return generate(self, prompts, **kwargs)
+        return generate(self, prompts, settings, **kwargs)
 
-    def warmup(self, shapes: Sequence[tuple[int, int]], **kwargs: Any) -> int:
-        """Builds generate()'s programs for these (rows, prompt length) shapes before the first
-        request; see phi3_jax.generate.warmup."""
-        from phi3_jax.generate import warmup
-
-        return warmup(self, shapes, **kwargs)
-
-
-def check_token_ids(ids: np.ndarray, vocab_size: int) -> None:
-    bad = ids[(ids < 0) | (ids >= vocab_size)]
-    if bad.size:
-        raise ValueError(f"token ids {sorted(set(bad.tolist()))[:8]} are outside the vocabulary "
-                         f"[0, {vocab_size})")
+    def engine(self, **kwargs: Any) -> Engine:
+        """An inference engine on this model (continuous batching, requests submitted at any
+        time); see phi3_jax.engine.Engine for max_slots, max_len, prefill_chunk, decode_steps,
+        max_logprobs and max_queue."""
+        return Engine(self, **kwargs)
 
 
 def load(path: str | os.PathLike, dtype: str | jnp.dtype = "float32",
-         mesh: str | dict | Mesh | None = None) -> Phi3:
-    """Loads a Hugging Face folder (config.json + safetensors, single or sharded) or a
-    phi3-jax Orbax checkpoint (made by `phi3-jax convert`).
+         mesh: str | dict | Mesh | None = None, attention: str = "auto",
+         allow_nonfinite: bool = False) -> Phi3:
+    """Loads a Hugging Face folder (config.json + safetensors, single or sharded), a
+    phi3-jax Orbax checkpoint (made by `phi3-jax convert`), or a llama.cpp/Ollama GGUF file
+    ("model.gguf", or "ollama:phi3:mini" from the local Ollama store; see phi3_jax.gguf).
 
     With a mesh (a Mesh, or a spec such as "data=2,model=4"), every parameter is placed
     straight onto its shards: each device receives only its slice, never the whole tensor.
+    `attention` picks the attention computations once, for every later call (see
+    phi3_jax.attention.choose_kernels): "auto" (the fast paths on GPUs, the blocked prefill
+    elsewhere), "xla" (the reference everywhere), "blocked" or "cudnn".
+
+    A checkpoint may reference only its own files (phi3_jax.checkpoint_files), and a weight
+    holding NaN or infinity is refused by name (checked as it is read; phi3_jax.finite) unless
+    `allow_nonfinite`.
     """
+    from phi3_jax import gguf
+
     path = os.fspath(path)
     dtype = resolve_dtype(dtype)
-    if not os.path.isdir(path):
+    source = gguf.open_gguf(path) if gguf.is_gguf_source(path) else None
+    if source is None and not os.path.isdir(path):
         raise FileNotFoundError(f"no model folder at {path}")
-    from phi3_jax import orbax_checkpoint
-
-    if orbax_checkpoint.is_orbax_checkpoint(path):
-        return orbax_checkpoint.load(path, dtype=dtype, mesh=mesh)
-    config = Phi3Config.from_hf(path)
-    checkpoint = HFCheckpoint(path)
-    specs = checkpoint.check(config)  # every name and shape, before any data is read
+    is_orbax = source is None and orbax_checkpoint.is_orbax_checkpoint(path)
+    if is_orbax:  # TensorStore opens the files below params/ itself: check them all first
+        for name in (orbax_checkpoint.MARKER, orbax_checkpoint.PARAMS_DIR):
+            check_tree(path, name, what=f"the Orbax checkpoint's {name}")
+        orbax_checkpoint.verify_checkpoint(path)  # metadata, then every file's checksum
+    if source is not None:
+        config, specs = source.config, source.specs
+    else:
+        config = Phi3Config.from_hf(path)
+    if source is None and not is_orbax:
+        checkpoint = HFCheckpoint(path, allow_nonfinite=allow_nonfinite)
+        specs = checkpoint.check(config)  # every name and shape, before any data is read
     mesh = sharding.make_mesh(mesh) if mesh is not None else None
-    graphdef, abstract = abstract_model(config, dtype)
-    shardings = sharding.param_shardings(abstract, mesh) if mesh is not None else None
-    arrays = {}
-    for spec in specs:
-        array = spec.to_jax(checkpoint[spec.hf_name])
-        target = None
-        if shardings is not None:
-            target = _lookup(shardings, spec.path)
-        arrays[spec.path] = place(array, dtype, target)
-        checkpoint.release(spec.hf_name)
-    params = fill_state(abstract, arrays)
-    return Phi3(config, graphdef, params, tokenizer=load_tokenizer_if_present(path),
-                generation_config=read_generation_config(path), mesh=mesh, path=path)
+    kernels = choose_kernels(attention, dtype, heads_split=mesh is not None
+                             and sharding.heads_split(config, mesh))
+    graphdef, abstract = abstract_model(config, dtype, kernels)
+    targets = (dict(nnx.to_flat_state(sharding.param_shardings(abstract, mesh)))
+               if mesh is not None else None)
+    if is_orbax:
+        one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        arrays = orbax_checkpoint.restore_params(
+            os.path.join(path, orbax_checkpoint.PARAMS_DIR),
+            {p: (tuple(var.shape), dtype, targets[p] if targets else one_device)
+             for p, var in nnx.to_flat_state(abstract)})
+        if not allow_nonfinite:
+            finite.check_on_device(list(arrays.values()),
+                                   [orbax_checkpoint.param_name(p) for p in arrays], path)
+    else:
+        # Streamed one tensor at a time: read (a GGUF tensor dequantized straight into `dtype`),
+        # laid out, placed on its shards, released.
+        arrays = {}
+        for spec in specs:
+            target = targets[spec.path] if targets else None
+            host = (source.read(spec, dtype) if source is not None
+                    else checkpoint[spec.hf_name])
+            arrays[spec.path] = place(spec.to_jax(host), dtype, target)
+            (source or checkpoint).release(spec.hf_name)
+        if not allow_nonfinite:  # on device, as placed (phi3_jax.finite)
+            for i in finite.nonfinite_on_device(list(arrays.values())):
+                name = specs[i].hf_name
+                if source is not None:
+                    raise finite.NonFiniteError(
+                        f"{path}: tensor {name!r} holds NaN or infinity once read as "
+                        f"{dtype.name} (allow_nonfinite / --allow-nonfinite loads it anyway)")
+                checkpoint.read(name)  # raises naming the first bad element
+                raise finite.NonFiniteError(
+                    f"{path}: tensor {name!r} is finite in the checkpoint but "
+                    f"overflows {dtype.name}; load it in a wider dtype")
+    if source is not None:
+        tokenizer, generation_config, path = (source.tokenizer, source.generation_config,
+                                              source.path)
+    else:
+        tokenizer = _tokenizer_if_present(path)
+        generation_config = read_generation_config(path, config.vocab_size)
+    return Phi3(config, graphdef, fill_state(abstract, arrays), tokenizer=tokenizer,
+                generation_config=generation_config, mesh=mesh, path=path)
 
 
-def place(array: np.ndarray, dtype: jnp.dtype, target: jax.sharding.Sharding | None) -> jax.Array:
-    """Puts a host array on device(s) in `dtype`; with a sharding, each device gets its slice."""
-    if target is None:
-        return jax.device_put(np.asarray(array).astype(dtype, copy=False))
-    return jax.make_array_from_callback(
-        array.shape, target, lambda index: np.asarray(array[index]).astype(dtype, copy=False))
-
-
-def fill_state(abstract: nnx.State, arrays: dict[tuple, jax.Array]) -> nnx.State:
-    """The abstract state with each leaf replaced by arrays[path]; every leaf must be given."""
-    flat = []
-    for path, var in nnx.to_flat_state(abstract):
-        if path not in arrays:
-            raise KeyError(f"no value for parameter {'.'.join(map(str, path))}")
-        value = arrays[path]
-        if tuple(value.shape) != tuple(var.shape):
-            raise ValueError(f"parameter {'.'.join(map(str, path))}: shape {value.shape} != "
-                             f"{var.shape}")
-        flat.append((path, var.replace(value)))
-    return nnx.from_flat_state(flat)
-
-
-def _lookup(tree: nnx.State, path: tuple) -> Any:
-    node = tree
-    for key in path:
-        node = node[key]
-    return node.get_value() if isinstance(node, nnx.Variable) else node
-
-
-def read_generation_config(path: str) -> dict:
-    file = os.path.join(path, "generation_config.json")
-    if not os.path.isfile(file):
-        return {}
-    with open(file) as f:
-        return json.load(f)
-
-
-def load_tokenizer_if_present(path: str) -> Any:
+def _tokenizer_if_present(path: str) -> Any:
     """The folder's Tokenizer, or None when it ships no tokenizer files."""
     from phi3_jax.tokenizer import Tokenizer
 

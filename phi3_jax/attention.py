@@ -6,7 +6,7 @@ n = k * G + g, which is the reference's repeat_kv (repeat_interleave) order. One
 q, k and v, and sharding the K axis gives every device whole groups (Megatron-style tensor
 parallelism with no resharding between the projection and attention).
 
-Four attention computations, one contract (mask semantics of `attention_mask`):
+Five attention computations, one contract (mask semantics of `attention_mask`):
 - `dot_product_attention`: the plain XLA reference (fp32 scores and softmax), used for every
   call on CPU and TPU, for fp32, and wherever no faster path applies.
 - `blocked_causal_attention`: the same computation for a prompt prefill of 512 tokens or more
@@ -14,6 +14,8 @@ Four attention computations, one contract (mask semantics of `attention_mask`):
   [B, N, T, T] fp32 scores, and the blocks above the diagonal skipped. Plain XLA, so it serves
   CPUs, TPUs and fp32 alike; its gradient is flash attention's blocked backward pass, so
   fine-tuning (which declares its right-padded rows like a prefill) takes it too.
+- `blocked_cached_attention`: a later prompt chunk over its row's cache, in key blocks the
+  same way (the fused kernel's causal mask assumes the queries start at position 0).
 - `causal_attention`: the prompt prefill of right-padded rows (row b's tokens at slots
   0..len_b-1) through `jax.nn.dot_product_attention` with is_causal, sequence lengths and the
   window. On GPUs with bf16/fp16 this is cuDNN's fused (flash) attention, which never
@@ -32,30 +34,26 @@ layer's keys and values until the end of the prefill, and cuDNN prefills of 64 x
 16 x 4096 tokens ran out of memory on the H100; benchmarks/prefill_memory.py). So every bf16/fp16
 prefill on a GPU takes the fused kernel, batched or not.
 
-PHI3_JAX_ATTENTION selects: "auto" (default: the fast paths on GPU, XLA elsewhere), "xla"
-(the XLA computations everywhere: the reference, and the blocked form of long prefills) or
-"fast" (the fast paths on any backend; cuDNN needs a GPU). It is read when a model call is
-traced (`select_paths`), so set it before the first call.
+Which of these a model takes is decided once, when it is built or loaded
+(`choose_kernels`, `phi3_jax.load(..., attention=...)`), and carried in its graph.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
-import os
-from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from phi3_jax.cache import CacheUpdate
+from phi3_jax.cache import read as cache_read
+from phi3_jax.cache import write as cache_write
 from phi3_jax.config import Phi3Config
 from phi3_jax.params import Einsum
 from phi3_jax.rope import apply_rotary
 
-ATTENTION_ENV = "PHI3_JAX_ATTENTION"
 # Query and key block of blocked_causal_attention (see prefill_block). Phi-3-mini's heads, one
 # row, fp32, 2 CPU cores, against dot_product_attention: 1024 tokens 134 vs 296 ms (118 vs 256
 # MiB), 4096 tokens 1.25 vs 8.55 s (226 MiB vs 4 GiB); 256- and 1024-token blocks were slower
@@ -63,10 +61,6 @@ ATTENTION_ENV = "PHI3_JAX_ATTENTION"
 # (0.5 vs 1.8 GiB), where whole blocks would pad (640 tokens: 151 vs 98 ms).
 PREFILL_BLOCK = 512
 FUSED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-# Set by the generator while it traces a decode step whose KV heads are split over a mesh axis:
-# the block-diagonal decode matmul would contract over the split axis (an all-reduce per layer).
-_heads_split = contextvars.ContextVar("phi3_jax_heads_split", default=False)
-
 
 def attention_mask(q_pos: jax.Array, k_pos: jax.Array, sliding_window: int | None) -> jax.Array:
     """[B, T, S] bool: query at q_pos [B, T] may see key at k_pos [B, S].
@@ -296,6 +290,54 @@ def _blocked_vjp_forward(q, k, v, lengths, sliding_window, block):
 blocked_causal_attention.defvjp(_blocked_vjp_forward, _blocked_backward)
 
 
+def blocked_cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, starts: jax.Array,
+                             sliding_window: int | None, block: int) -> jax.Array:
+    """A later prompt chunk's attention over its row's cache in O(T * block) memory: queries
+    q [B, T, K, G, H] at positions starts[b] .. starts[b] + T - 1, keys and values k, v
+    [B, S, K, H] at positions 0 .. S - 1 (the cache slots read, the chunk's own included).
+    Same visible set as attention_mask, same fp32 islands as blocked_causal_attention: an
+    online softmax over key blocks, visiting only the blocks some query can see. A 512-token
+    chunk 100k tokens into a prompt would otherwise build [N, 512, 100k] fp32 scores per layer
+    (6.5 GB for Phi-3-mini's 32 heads)."""
+    B, T, K, G, H = q.shape
+    S = k.shape[1]
+    kb, vb = _to_blocks(k, block), _to_blocks(v, block)  # [n, B, K, block, H]
+    n = kb.shape[0]
+    q_pos = starts[:, None] + jnp.arange(T)[None, :]  # [B, T]
+    qt = jnp.moveaxis(q, 1, 3)  # [B, K, G, T, H]
+    scale = H ** -0.5
+    lowest = jnp.finfo(jnp.float32).min
+    offsets = jnp.arange(block)
+
+    def key_block(j, carry):
+        m, l, acc = carry  # [B, K, G, T] x2, [B, K, G, T, H]: fp32
+        s = jnp.einsum("BKGTH,BKSH->BKGTS", qt, kb[j], preferred_element_type=jnp.float32) * scale
+        k_pos = j * block + offsets  # [block]
+        visible = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos < S)[None, None, :]
+        if sliding_window is not None:
+            visible &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
+        s = jnp.where(visible[:, None, None], s, lowest)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        p = jnp.exp(s - m_new[..., None])
+        correction = jnp.exp(m - m_new)
+        l = l * correction + jnp.sum(p, axis=-1)
+        pv = jnp.einsum("BKGTS,BKSH->BKGTH", p.astype(v.dtype), vb[j],
+                        preferred_element_type=jnp.float32)
+        return m_new, l, acc * correction[..., None] + pv
+
+    m = jnp.full((B, K, G, T), lowest, jnp.float32)
+    init = (m, jnp.zeros_like(m), jnp.zeros((B, K, G, T, H), jnp.float32))
+    # Blocks holding a key some query sees: from the window's reach of the earliest query to
+    # the block of the latest one.
+    last = jnp.minimum(n, (jnp.max(starts) + T + block - 1) // block)
+    first = 0
+    if sliding_window is not None:
+        first = jnp.maximum(0, (jnp.min(starts) - sliding_window + 1) // block)
+    m, l, acc = jax.lax.fori_loop(first, last, key_block, init)
+    out = acc / jnp.where(l > 0, l, 1)[..., None]
+    return jnp.moveaxis(out.astype(v.dtype), 3, 1)  # [B, T, K, G, H]
+
+
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """dot_product_attention for T = 1 as two matmuls: q [B, 1, K, G, H], k and v [B, S, K, H],
     mask [B, 1, S] -> [B, 1, K, G, H]. Same fp32 islands and roundings as the reference.
@@ -320,53 +362,57 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
     return jnp.transpose(out, (0, 3, 1, 2))[:, None]
 
 
-def _choice() -> str:
-    choice = os.environ.get(ATTENTION_ENV, "").strip().lower() or "auto"
-    if choice not in ("auto", "xla", "fast"):
-        raise ValueError(f"{ATTENTION_ENV}={choice!r}: expected 'auto', 'xla' or 'fast'")
-    if choice == "auto":
-        return "fast" if jax.default_backend() == "gpu" else "xla"
-    return choice
-
-
-def prefill_impl(dtype: jnp.dtype) -> str:
-    """"cudnn" or "xla": the attention of a prompt prefill in `dtype`. fp32 always takes the
-    XLA path: cuDNN's fused attention has no fp32 kernel (and fp32 is the reference)."""
-    fast = _choice() == "fast" and jnp.dtype(dtype) in FUSED_DTYPES
-    return "cudnn" if fast else "xla"
-
-
-def decode_impl() -> str:
-    """"matmul" (decode_attention) or "einsum" (dot_product_attention) for one-token steps."""
-    return "matmul" if _choice() == "fast" and not _heads_split.get() else "einsum"
+ATTENTION_CHOICES = ("auto", "xla", "blocked", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
-class Paths:
-    """The computations a traced call takes, fixed before the model is traced and passed down as
-    a static argument: a layer traced once must not read the environment (or the heads_split
-    context) behind its jit cache key."""
+class Kernels:
+    """The attention computations a model takes, chosen once when it is built or loaded
+    (`choose_kernels`) and carried in its graph as a static attribute, so every traced call
+    takes the same ones and no call reads the environment.
 
-    prefill: str  # prefill_impl: "cudnn" or "xla"
-    decode: str  # decode_impl: "matmul" or "einsum"
-    two_row_gemv: bool  # one-token o_proj as a two-row matmul (see Attention.__call__)
+    prefill: "cudnn" (the fused causal kernel), "blocked" (blocked_causal_attention from two
+    blocks, the reference below) or "xla" (the reference dot_product_attention everywhere).
+    decode: "matmul" (decode_attention) or "einsum" (dot_product_attention) for one-token steps.
+    two_row_gemv: a one-token o_proj runs as a two-row matmul (see Attention.__call__).
+    """
+
+    prefill: str = "blocked"
+    decode: str = "einsum"
+    two_row_gemv: bool = False
 
 
-def select_paths(dtype: jnp.dtype) -> Paths:
-    """The Paths for activations in `dtype`, from PHI3_JAX_ATTENTION and the heads_split context."""
-    return Paths(prefill=prefill_impl(dtype), decode=decode_impl(),
-                 two_row_gemv=_choice() == "fast")
+def choose_kernels(choice: str = "auto", dtype: jnp.dtype = jnp.float32, *,
+                   backend: str | None = None, heads_split: bool = False) -> Kernels:
+    """The Kernels for `choice` ("auto", "xla", "blocked" or "cudnn"), activations in `dtype` on
+    `backend` (default: JAX's default backend).
 
-
-@contextlib.contextmanager
-def heads_split(split: bool) -> Iterator[None]:
-    """While tracing under this context with split=True, decode keeps the einsum form, which
-    XLA partitions over the KV heads without communication."""
-    token = _heads_split.set(split)
-    try:
-        yield
-    finally:
-        _heads_split.reset(token)
+    "auto" takes the fast paths on GPUs (cuDNN's fused prefill in bf16/fp16, the blocked one in
+    fp32, the matmul decode) and the blocked prefill with the einsum decode elsewhere.
+    "cudnn" asks for the fused kernel and is refused where it cannot run (no GPU, or fp32: cuDNN
+    has no fp32 kernel). `heads_split`: the KV heads are split over a mesh axis, where the
+    block-diagonal decode matmul would contract over the split axis (an all-reduce per layer),
+    so decode keeps the einsum, which XLA partitions without communication.
+    """
+    if choice not in ATTENTION_CHOICES:
+        raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {choice!r}")
+    backend = backend or jax.default_backend()
+    gpu = backend == "gpu"
+    fused = jnp.dtype(dtype) in FUSED_DTYPES
+    if choice == "cudnn":
+        if not gpu:
+            raise ValueError(f"attention='cudnn' needs a GPU; this backend is {backend!r}")
+        if not fused:
+            raise ValueError(f"attention='cudnn' needs bfloat16 or float16 activations (cuDNN "
+                             f"has no {jnp.dtype(dtype).name} kernel)")
+    if choice == "xla":
+        return Kernels(prefill="xla", decode="einsum", two_row_gemv=False)
+    if choice == "blocked":
+        return Kernels(prefill="blocked", decode="einsum", two_row_gemv=False)
+    if not gpu:  # "auto" off GPUs
+        return Kernels(prefill="blocked", decode="einsum", two_row_gemv=False)
+    return Kernels(prefill="cudnn" if fused else "blocked",
+                   decode="einsum" if heads_split else "matmul", two_row_gemv=True)
 
 
 class Attention(nnx.Module):
@@ -382,49 +428,51 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
                  kv: tuple[jax.Array, jax.Array] | None = None,
-                 index: jax.Array | None = None, lengths: jax.Array | None = None,
-                 paths: Paths | None = None,
+                 update: CacheUpdate | None = None, lengths: jax.Array | None = None,
+                 paths: Kernels | None = None,
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """x [B, T, D]; cos/sin [B, T, d]; mask [B, T, S].
+        """x [B, T, D]; cos/sin [B, T, d]; mask [B, T, S] (S: the keys attention reads).
 
-        Without a cache S = T. With one, the new keys and values are written at slots
-        index .. index + T - 1 of kv ([B, S, K, H] each) and attention reads all S slots, except
-        for a prompt prefill (`lengths` [B] given): the cache is empty and the rows are
-        right-padded (row b's tokens at its first lengths[b] slots), so attention reads only the
-        T new keys (mask [B, T, T]) and the causal kernel applies. `paths` defaults to
-        select_paths(x.dtype).
+        Without a cache, or with one and `update.read_len == 0` (a prompt's first chunk),
+        attention reads the T new keys (S = T). `lengths` [B] then declares right-padded rows
+        (row b's tokens at its first lengths[b] slots, positions 0..lengths[b]-1), which lets
+        the prefill kernels run: cuDNN's fused causal attention or the blocked attention. With a
+        cache, the new keys and values are written to one layer's kv ([R, S_max, K, H] each)
+        where `update` says, and otherwise attention reads the cache's first update.read_len
+        slots (a decode step, or a later prompt chunk). `paths` defaults to
+        choose_kernels("auto", x.dtype).
         """
         B, T, _ = x.shape
-        paths = paths if paths is not None else select_paths(x.dtype)
+        paths = paths if paths is not None else choose_kernels("auto", x.dtype)
         qkv = self.qkv_proj(x)  # [B, T, K, G + 2, H]
         G = qkv.shape[3] - 2
         q = apply_rotary(qkv[:, :, :, :G], cos, sin)  # [B, T, K, G, H]
         k = apply_rotary(qkv[:, :, :, G], cos, sin)  # [B, T, K, H]
         v = qkv[:, :, :, G + 1]  # [B, T, K, H]
         if lengths is not None:
-            block = prefill_block(T)
-            if paths.prefill == "cudnn":
-                out = causal_attention(q, k, v, lengths, self.sliding_window)
-            elif block is not None:
-                out = blocked_causal_attention(q, k, v, lengths, self.sliding_window, block)
-            else:
-                out = dot_product_attention(q, k, v, mask)
-            # Padding slots hold zeros: never NaN, whatever a kernel left in padding rows.
+            # Padding slots hold zeros: never NaN, whatever a kernel leaves in padding rows.
             valid = (jnp.arange(T)[None, :] < lengths[:, None])[:, :, None, None]
             k, v = jnp.where(valid, k, 0), jnp.where(valid, v, 0)
         if kv is not None:
-            k_cache, v_cache = kv
-            start = (0, index, 0, 0)
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
-            kv = (k_cache, v_cache)
-            if lengths is None:
-                k, v = k_cache, v_cache
-        if lengths is None:
-            if T == 1 and kv is not None and paths.decode == "matmul":
-                out = decode_attention(q, k, v, mask)
+            kv = cache_write(*kv, k, v, update)
+        if kv is None or update.read_len == 0:
+            block = prefill_block(T)
+            if lengths is not None and paths.prefill == "cudnn":
+                out = causal_attention(q, k, v, lengths, self.sliding_window)
+            elif lengths is not None and paths.prefill == "blocked" and block is not None:
+                out = blocked_causal_attention(q, k, v, lengths, self.sliding_window, block)
             else:
                 out = dot_product_attention(q, k, v, mask)  # [B, T, K, G, H]
+        else:
+            k, v = cache_read(*kv, update)  # [B, read_len, K, H]
+            block = prefill_block(update.read_len)
+            if T == 1 and paths.decode == "matmul":
+                out = decode_attention(q, k, v, mask)
+            elif T > 1 and paths.prefill != "xla" and block is not None:
+                out = blocked_cached_attention(q, k, v, update.starts, self.sliding_window,
+                                               block)
+            else:
+                out = dot_product_attention(q, k, v, mask)
         out = out.reshape(B, T, -1, out.shape[-1])  # [B, T, N, H]
         if B * T == 1 and paths.two_row_gemv:
             # XLA's GPU simplifier turns a vector-matrix product whose operands hold under 10M

@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from phi3_jax import interrupts
+
 # Modules that define `register(subparsers)`; each adds subcommands with set_defaults(func=...).
 COMMAND_MODULES = (
     "phi3_jax.demo",
@@ -26,15 +28,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (FileNotFoundError, ValueError, OSError) as e:
-        # Bad input: one clear line, not a traceback. Bugs (other exceptions) keep theirs.
-        print(f"phi3-jax {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    # Handled for the whole run, so that a second Ctrl-C cannot land between the first one's
+    # cleanup and its exit status. Run as the process (no argv given), a command stopped by a
+    # signal ignores later ones while it exits.
+    owns_process = argv is None
+    with interrupts.handled():
+        try:
+            return int(args.func(args) or 0)
+        except (KeyboardInterrupt, interrupts.Terminated) as e:
+            if owns_process:
+                interrupts.ignore_further()
+            if isinstance(e, interrupts.Terminated):
+                raise
+            print("interrupted", file=sys.stderr)
+            return 130
+        except (FileNotFoundError, ValueError, OSError) as e:
+            # Bad input: one clear line, not a traceback. Bugs (other exceptions) keep theirs.
+            print(f"phi3-jax {args.command}: error: {e}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

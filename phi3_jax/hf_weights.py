@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from phi3_jax import finite, textio
+from phi3_jax.checkpoint_files import checkpoint_file
 from phi3_jax.config import Phi3Config
 from phi3_jax.safetensors_io import SafetensorsFile
 
@@ -98,24 +100,27 @@ def tensor_specs(config: Phi3Config) -> list[TensorSpec]:
 
 
 class HFCheckpoint:
-    """The safetensors files of a Hugging Face folder, with every tensor located by name."""
+    """The safetensors files of a Hugging Face folder, with every tensor located by name.
 
-    def __init__(self, path: str | os.PathLike):
+    Every file the folder names (the index's shards) must be a plain relative path whose file
+    lies inside the folder, or in its Hub cache's blob store (see phi3_jax.checkpoint_files).
+    `read` refuses tensors holding NaN or infinities unless `allow_nonfinite`.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, allow_nonfinite: bool = False):
         self.path = os.fspath(path)
+        self.allow_nonfinite = allow_nonfinite
         if not os.path.isdir(self.path):
             raise FileNotFoundError(f"no model folder at {self.path}")
-        index = os.path.join(self.path, INDEX_FILE)
+        index = checkpoint_file(self.path, INDEX_FILE, what="the safetensors index")
+        single = checkpoint_file(self.path, SINGLE_FILE, what="the safetensors file")
         if os.path.isfile(index):
-            with open(index) as f:
-                try:
-                    weight_map: dict[str, str] = json.load(f)["weight_map"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise CheckpointError(f"{index} is not a valid safetensors index: {e!r}") from e
+            weight_map = _read_weight_map(index)
             for file in sorted(set(weight_map.values())):
                 if not os.path.isfile(os.path.join(self.path, file)):
                     raise CheckpointError(f"shard {file} listed in {INDEX_FILE} is missing "
                                           f"from {self.path}")
-        elif os.path.isfile(os.path.join(self.path, SINGLE_FILE)):
+        elif os.path.isfile(single):
             weight_map = None
         else:
             raise CheckpointError(f"{self.path} has neither {SINGLE_FILE} nor {INDEX_FILE}")
@@ -141,7 +146,16 @@ class HFCheckpoint:
         return self._files[file]
 
     def __getitem__(self, name: str) -> np.ndarray:
+        """The tensor's memory-mapped view, unchecked (for its dtype and shape)."""
         return self._file(self.location[name])[name]
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor's memory-mapped view, checked for NaN and infinities as its pages are
+        read (unless allow_nonfinite), before anything is built from it."""
+        array = self[name]
+        if not self.allow_nonfinite:
+            finite.check_host(array, name, os.path.join(self.path, self.location[name]))
+        return array
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._file(self.location[name]).shape(name)
@@ -179,6 +193,23 @@ class HFCheckpoint:
                                   f"Phi3ForCausalLM with this config.json")
         return specs
 
+
+
+def _read_weight_map(index: str) -> dict[str, str]:
+    """The index's weight_map, {tensor name: shard file}, each file checked to be the
+    folder's own (checkpoint_files' rule)."""
+    raw = textio.read_json_file(index, error=CheckpointError)
+    weight_map = raw.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: 'weight_map' must be an object mapping tensor names to "
+                              f"shard files, got {textio.json_type(weight_map)}")
+    folder = os.path.dirname(index)
+    for name, file in weight_map.items():
+        what = f"{index}: weight_map entry {name!r}"
+        if not isinstance(file, str):
+            raise CheckpointError(f"{what} must be a file name, got {textio.json_type(file)}")
+        checkpoint_file(folder, file, what=what)
+    return weight_map
 
 
 def parse_size(size: str | int) -> int:
@@ -255,7 +286,7 @@ def write_hf_folder(out_dir: str | os.PathLike, config: Phi3Config, params: dict
     The files are written into a temporary folder inside `out_dir` and moved into place one by
     one, config.json last: a folder with a config.json is complete.
     """
-    from phi3_jax.api import resolve_dtype  # api imports this module
+    from phi3_jax.params import resolve_dtype
     from phi3_jax.tokenizer import copy_tokenizer_files
 
     out_dir = os.fspath(out_dir)

@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from phi3_jax import attention
-from phi3_jax.attention import Attention, attention_mask
-from phi3_jax.cache import KVCache
+from phi3_jax.attention import Attention, Kernels, attention_mask, choose_kernels
+from phi3_jax.cache import CacheUpdate, KVCache
+from phi3_jax.cache import key_positions as cache_key_positions
 from phi3_jax.config import Phi3Config
 from phi3_jax.mlp import MLP
 from phi3_jax.norm import RMSNorm
@@ -50,15 +50,16 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = MLP(config, dtype, rngs)
 
-    def __call__(self, x, cos, sin, mask, kv=None, index=None, lengths=None, paths=None):
-        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index, lengths, paths)
+    def __call__(self, x, cos, sin, mask, kv=None, update=None, lengths=None, paths=None):
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, update, lengths,
+                               paths)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, kv
 
 
-def _layer(graphdef, state, x, cos, sin, mask, kv, index, lengths, paths):
-    return nnx.merge(graphdef, state)(x, cos, sin, mask, kv, index, lengths, paths)
+def _layer(graphdef, state, x, cos, sin, mask, kv, update, lengths, paths):
+    return nnx.merge(graphdef, state)(x, cos, sin, mask, kv, update, lengths, paths)
 
 
 # Every layer has the same graphdef and input shapes, so jax traces a model call's layer once
@@ -83,9 +84,12 @@ class Phi3Model(nnx.Module):
 
 class Phi3ForCausalLM(nnx.Module):
     def __init__(self, config: Phi3Config, *, dtype: jnp.dtype = jnp.float32,
-                 rngs: nnx.Rngs | None = None, remat: bool = False):
+                 rngs: nnx.Rngs | None = None, remat: bool = False,
+                 kernels: Kernels | None = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
+        # The attention computations (static, in the graphdef): chosen once, never per call.
+        self.kernels = kernels if kernels is not None else choose_kernels("auto", dtype)
         # Training option: recompute each layer's activations in the backward pass instead of
         # storing them (memory for compute). A static attribute, so it lives in the graphdef.
         self.remat = remat
@@ -98,15 +102,16 @@ class Phi3ForCausalLM(nnx.Module):
         return self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
 
     def hidden_states(self, tokens: jax.Array, positions: jax.Array,
-                      cache: KVCache | None = None, use_long: jax.Array | None = None,
+                      cache: KVCache | None = None, update: CacheUpdate | None = None,
+                      use_long: jax.Array | None = None,
                       prefill_lengths: jax.Array | None = None,
                       ) -> tuple[jax.Array, KVCache | None]:
         """The final normed hidden states [B, T, D]; see __call__ for the other arguments.
 
         `prefill_lengths` [B] declares right-padded rows (row b's positions are 0..len-1 at its
-        first len slots, then -1), with no cache or an empty one (a prompt prefill): attention
-        then reads only these tokens, through the fused causal kernel or the blocked attention
-        where one applies.
+        first len slots, then -1), with no cache or an update that reads no cache (a prompt's
+        first chunk): attention then reads only these tokens, through the fused causal kernel
+        or the blocked attention where one applies.
         """
         config = self.config
         if use_long is None:
@@ -115,20 +120,18 @@ class Phi3ForCausalLM(nnx.Module):
             use_long = uses_long_factors(config, jnp.max(positions, axis=1) + 1)
         x = self.model.embed_tokens(tokens)  # [B, T, D]
         cos, sin = rotary_tables(config, positions, use_long, x.dtype)
-        if cache is None or prefill_lengths is not None:
+        if cache is not None and update.read_len > 0:
+            keys = cache_key_positions(update, tokens.shape[0])  # [B, read_len]
+            mask = attention_mask(positions, keys, config.sliding_window)
+        else:
             mask = attention_mask(positions, positions, config.sliding_window)
-        if cache is not None:
-            key_positions = jax.lax.dynamic_update_slice(
-                cache.positions, positions.astype(jnp.int32), (0, cache.index))
-            if prefill_lengths is None:
-                mask = attention_mask(positions, key_positions, config.sliding_window)
-        paths = attention.select_paths(x.dtype)
+        paths = self.kernels
         call = _remat_layer if self.remat and cache is None else _traced_once_layer
-        index = None if cache is None else cache.index
         new_k, new_v = [], []
         for i, layer in enumerate(self.model.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv = call(*nnx.split(layer), x, cos, sin, mask, kv, index, prefill_lengths, paths)
+            x, kv = call(*nnx.split(layer), x, cos, sin, mask, kv, update, prefill_lengths,
+                         paths)
             if kv is not None:
                 if tokens.shape[1] > 1:
                     # The next layer waits for this layer's cache write. Unforced, XLA's GPU
@@ -141,18 +144,28 @@ class Phi3ForCausalLM(nnx.Module):
                 new_v.append(kv[1])
         x = self.model.norm(x)
         if cache is not None:
-            cache = KVCache(k=tuple(new_k), v=tuple(new_v), positions=key_positions,
-                            index=cache.index + tokens.shape[1])
+            cache = KVCache(k=tuple(new_k), v=tuple(new_v))
         return x, cache
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None,
-                 use_long: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+                 update: CacheUpdate | None = None, use_long: jax.Array | None = None,
+                 ) -> tuple[jax.Array, KVCache | None]:
         """Logits [B, T, V] for token ids [B, T] at per-row positions [B, T] (-1 = padding).
 
-        With a cache, the T new tokens are written at slots cache.index .. index + T - 1 and
-        attend to everything cached; the updated cache is returned. `use_long` [B] overrides the
-        per-row LongRoPE choice (the generator's "always long" policy).
+        Without a cache, the T tokens attend to each other (masked by their positions). With a
+        cache, `update` (a phi3_jax.cache.CacheUpdate) says where the new tokens' keys and
+        values go and which cached slots they attend to; the updated cache is returned.
+        `use_long` [B] overrides the per-row LongRoPE choice (the "always long" policy, or a
+        prompt chunk whose whole prompt decides it).
         """
-        x, cache = self.hidden_states(tokens, positions, cache, use_long)
+        x, cache = self.hidden_states(tokens, positions, cache, update, use_long)
         logits = self.head.attend(x)
         return logits, cache
+
+
+def abstract_model(config: Phi3Config, dtype: jnp.dtype = jnp.float32,
+                   kernels: Kernels | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+    """The model's graph and its parameters as ShapeDtypeStructs, allocating nothing."""
+    model = nnx.eval_shape(lambda: Phi3ForCausalLM(config, dtype=jnp.dtype(dtype),
+                                                   rngs=nnx.Rngs(0), kernels=kernels))
+    return nnx.split(model)

@@ -2,9 +2,11 @@
 
 A checkpoint folder (made by `phi3-jax convert`) holds:
 
-    phi3_jax.json   the metadata record (format, source, dtype, versions, tensor count). It is
-                    written last, so a folder that has it is complete; `is_orbax_checkpoint`
-                    looks for it.
+    phi3_jax.json   the metadata record (format, source, dtype, versions, tensor count), with
+                    the size and sha256 of every other file of the folder (phi3_jax.checksums)
+                    and a digest of the record itself. It is written last, so a folder that has
+                    it is complete; `is_orbax_checkpoint` looks for it, and `verify_checkpoint`
+                    checks every file against it before anything is restored.
     config.json, generation_config.json, tokenizer files   as in the Hugging Face folder
     params/         an Orbax PyTree checkpoint (OCDBT, zstd, chunks of <= 16 MiB) holding every
                     parameter in our layout, named by its path in the model
@@ -27,20 +29,23 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import re
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from phi3_jax import checksums
+
 if TYPE_CHECKING:
     import jax
-    from jax.sharding import Mesh
-
-    from phi3_jax.api import Phi3
 
 MARKER = "phi3_jax.json"
 PARAMS_DIR = "params"
@@ -51,6 +56,8 @@ FORMAT_VERSION = 1
 CHUNK_BYTES = 16 * 2**20
 
 Path = tuple[str | int, ...]
+
+log = logging.getLogger(__name__)
 
 
 class OrbaxCheckpointError(ValueError):
@@ -78,6 +85,67 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise OrbaxCheckpointError(f"{file}: format_version {meta.get('format_version')!r} is "
                                    f"not supported (this phi3-jax reads {FORMAT_VERSION})")
     return meta
+
+
+def write_metadata(folder: str | os.PathLike, meta: dict[str, Any]) -> dict[str, Any]:
+    """Writes the metadata record into a finished checkpoint folder, with the checksums of every
+    other file in it and the digest of the record itself; returns the record written."""
+    meta = {**meta, "checksums": checksums.record(folder, skip=lambda rel: rel == MARKER)}
+    meta["record_sha256"] = checksums.json_digest(meta)
+    with open(os.path.join(folder, MARKER), "w") as f:
+        json.dump(meta, f, indent=2)
+    return meta
+
+
+def verify_checkpoint(path: str | os.PathLike, meta: dict[str, Any] | None = None,
+                      cancelled: threading.Event | None = None) -> dict[str, Any]:
+    """Checks every file of the checkpoint against the checksums in its metadata record (read
+    here unless given), before anything is restored; raises OrbaxCheckpointError naming the
+    checkpoint and the file. Returns the metadata record.
+
+    A checkpoint written before phi3-jax recorded checksums has none: it loads unverified, with
+    a warning (convert it again to add them)."""
+    path = os.fspath(path)
+    if meta is None:
+        meta = read_metadata(path)
+    if "checksums" not in meta:
+        log.warning("%s has no checksums (written by an older phi3-jax): loading it unverified; "
+                    "`phi3-jax convert` it again to add them", path)
+        return meta
+    content = {k: v for k, v in meta.items() if k != "record_sha256"}
+    if meta.get("record_sha256") != checksums.json_digest(content):
+        raise OrbaxCheckpointError(f"checkpoint {path} is corrupt: {MARKER} does not match its "
+                                   f"own digest")
+    try:
+        checksums.verify(path, meta["checksums"], f"checkpoint {path}", cancelled)
+    except checksums.ChecksumError as e:
+        raise OrbaxCheckpointError(str(e)) from None
+    return meta
+
+
+@contextlib.contextmanager
+def verifying(path: str | os.PathLike, meta: dict[str, Any]) -> Iterator[None]:
+    """verify_checkpoint, in a background thread while the block restores (reading the same
+    files, so the page cache serves the second reader): the block's work stands only once the
+    checkpoint has verified. A checksum failure is raised in preference to the error damaged
+    files may have caused in the block; an interrupted block stops the verification."""
+    if "checksums" not in meta:
+        verify_checkpoint(path, meta)  # the warning, now
+        yield
+        return
+    cancelled = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        verification = pool.submit(verify_checkpoint, path, meta, cancelled)
+        try:
+            yield
+        except Exception:
+            if verification.exception() is not None:
+                raise verification.exception() from None
+            raise
+        except BaseException:
+            cancelled.set()
+            raise
+        verification.result()
 
 
 def orbax_version() -> str:
@@ -290,7 +358,13 @@ def _restore(directory, item: dict, args: dict, partial: bool) -> dict:
         kwargs = {"partial_restore": True} if partial else {}
         return checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
             item=_nest(item), restore_args=_nest(args), **kwargs))
-    except (KeyError, ValueError) as e:
+    except Exception as e:
+        unreadable = storage_error(e)
+        if unreadable is not None:  # TensorStore's error comes wrapped in a dump of its spec
+            raise OrbaxCheckpointError(f"{directory}: cannot read the checkpoint (a file is "
+                                       f"damaged or truncated): {unreadable}") from None
+        if not isinstance(e, KeyError | ValueError):
+            raise
         # Orbax reports a tree or shape mismatch deep in its own terms; name the checkpoint.
         raise OrbaxCheckpointError(f"{directory}: the stored parameters do not match "
                                    f"config.json: {e}") from e
@@ -298,31 +372,20 @@ def _restore(directory, item: dict, args: dict, partial: bool) -> dict:
         checkpointer.close()
 
 
-def load(path: str | os.PathLike, dtype: str | Any = "float32",
-         mesh: str | dict | Mesh | None = None) -> Phi3:
-    """Loads a phi3-jax Orbax checkpoint; with a mesh, each parameter is restored straight into
-    its sharding from `phi3_jax.sharding.param_shardings`."""
-    import jax
-    from flax import nnx
+# TensorStore's errors start with an absl status code ("OUT_OF_RANGE: Error reading ...").
+_STATUS = re.compile(r"^(DATA_LOSS|OUT_OF_RANGE|NOT_FOUND|FAILED_PRECONDITION|INVALID_ARGUMENT|"
+                     r"UNKNOWN|INTERNAL): ")
 
-    from phi3_jax import api, sharding
-    from phi3_jax.config import Phi3Config
 
-    path = os.fspath(path)
-    dtype = api.resolve_dtype(dtype)
-    read_metadata(path)
-    config = Phi3Config.from_hf(path)
-    mesh = sharding.make_mesh(mesh) if mesh is not None else None
-    graphdef, abstract = api.abstract_model(config, dtype)
-    if mesh is not None:
-        shardings = dict(nnx.to_flat_state(sharding.param_shardings(abstract, mesh)))
-    else:
-        shardings = None
-        one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    targets = {}
-    for p, var in nnx.to_flat_state(abstract):
-        targets[p] = (tuple(var.shape), dtype, shardings[p] if shardings else one_device)
-    arrays = restore_params(os.path.join(path, PARAMS_DIR), targets)
-    params = api.fill_state(abstract, arrays)
-    return api.Phi3(config, graphdef, params, tokenizer=api.load_tokenizer_if_present(path),
-                    generation_config=api.read_generation_config(path), mesh=mesh, path=path)
+def storage_error(error: BaseException) -> str | None:
+    """The first line of the TensorStore read error behind `error` (Orbax wraps it), if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        message = str(error)
+        if _STATUS.match(message):
+            line = message.splitlines()[0]
+            return line if len(line) <= 300 else line[:297] + "..."
+        error = error.__cause__ or error.__context__
+    return None
+

@@ -9,11 +9,15 @@ flax releases.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+
+# The dtypes parameters and activations can take (checkpoint files may hold others).
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 # Phi-3's initializer_range; used only for random (test, from-scratch) initialisation.
 INIT_STD = 0.02
@@ -41,3 +45,38 @@ class Einsum(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return jnp.einsum(self.spec, x, self.weight[...])
+
+
+def resolve_dtype(dtype: str | jnp.dtype) -> jnp.dtype:
+    """A COMPUTE_DTYPES name or dtype as a jnp.dtype; anything else is refused by name."""
+    if isinstance(dtype, str):
+        if dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported; choose from "
+                             f"{sorted(COMPUTE_DTYPES)}")
+        return jnp.dtype(COMPUTE_DTYPES[dtype])
+    dtype = jnp.dtype(dtype)
+    if dtype not in {jnp.dtype(d) for d in COMPUTE_DTYPES.values()}:
+        raise ValueError(f"dtype {dtype} is not supported; choose from {sorted(COMPUTE_DTYPES)}")
+    return dtype
+
+
+def place(array: np.ndarray, dtype: jnp.dtype, target: jax.sharding.Sharding | None) -> jax.Array:
+    """Puts a host array on device(s) in `dtype`; with a sharding, each device gets its slice."""
+    if target is None:
+        return jax.device_put(np.asarray(array).astype(dtype, copy=False))
+    return jax.make_array_from_callback(
+        array.shape, target, lambda index: np.asarray(array[index]).astype(dtype, copy=False))
+
+
+def fill_state(abstract: nnx.State, arrays: Mapping[tuple, jax.Array]) -> nnx.State:
+    """The abstract state with each leaf replaced by arrays[path]; every leaf must be given."""
+    flat = []
+    for path, var in nnx.to_flat_state(abstract):
+        if path not in arrays:
+            raise KeyError(f"no value for parameter {'.'.join(map(str, path))}")
+        value = arrays[path]
+        if tuple(value.shape) != tuple(var.shape):
+            raise ValueError(f"parameter {'.'.join(map(str, path))}: shape {value.shape} != "
+                             f"{var.shape}")
+        flat.append((path, var.replace(value)))
+    return nnx.from_flat_state(flat)

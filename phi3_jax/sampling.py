@@ -1,20 +1,24 @@
-"""Logits processors and the choice of the next token, as small jit-friendly pytrees.
+"""Logits processors, the choice of the next token and its logprobs, per row.
 
-Each processor is a frozen dataclass registered as a pytree whose numbers are leaves: they are
-traced under jit, so a new temperature or top-p reuses the compiled step, while the *set* of
-processors (and greedy vs sampling) is structure, hence static.
+Every setting is an array indexed by row (`RowSampling`), so each row of a batch has its own
+temperature, top-k, top-p, min-p and repetition penalty, and a new value compiles nothing. A
+setting at its "off" value (penalty 1, top-k 0, top-p 1, min-p 0) leaves the scores exactly as
+they are, and a row with temperature 0 decodes greedily.
 
 Order and semantics are transformers' `generate` (generation/utils.py `_get_logits_processor`):
-repetition penalty first (it also applies to greedy decoding), then, only when sampling, the
-warpers temperature, top-k, top-p, min-p. All work on fp32 scores [B, V], as transformers upcasts
-the last logits to fp32 before processing. `min_tokens_to_keep` is transformers' default of 1
-(it is larger only for beam search, which we do not do).
+the repetition penalty first (it applies to greedy decoding too), then, for sampling rows, the
+warpers temperature, top-k, top-p, min-p. All work on fp32 scores [B, V], as transformers
+upcasts the last logits to fp32 before processing. `min_tokens_to_keep` is transformers'
+default of 1.
+
+Randomness is per row too: a row draws with its own key, made from its request's seed and the
+position of the token being drawn (`row_keys`), so a request's samples never depend on its
+slot, its batch or when it arrived.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,138 +26,94 @@ import jax.numpy as jnp
 _NEG_INF = float("-inf")
 
 
-def _pytree(cls: type) -> type:
-    """A frozen dataclass whose fields are pytree leaves (traced numbers under jit)."""
-    return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls))
-
-
-@_pytree
-class RepetitionPenalty:
-    """Divides positive, multiplies negative scores of every token already in the row (prompt
-    included, padding excluded), once per token however often it occurred."""
-
-    penalty: Any  # float > 0
-
-    def __call__(self, logits: jax.Array, seen: jax.Array) -> jax.Array:
-        # logits [B, V] f32; seen [B, V] bool
-        penalised = jnp.where(logits < 0, logits * self.penalty, logits / self.penalty)
-        return jnp.where(seen, penalised, logits)
-
-
-@_pytree
-class Temperature:
-    temperature: Any  # float > 0
-
-    def __call__(self, logits: jax.Array, seen: jax.Array) -> jax.Array:
-        return logits / self.temperature
-
-
-@_pytree
-class TopK:
-    """Keeps the k highest scores (and every score tied with the k-th)."""
-
-    k: Any  # int >= 1
-
-    def __call__(self, logits: jax.Array, seen: jax.Array) -> jax.Array:
-        V = logits.shape[-1]
-        k = jnp.clip(self.k, 1, V)
-        # A sort rather than lax.top_k, whose k must be static: k stays a traced number.
-        descending = -jnp.sort(-logits, axis=-1)  # [B, V]
-        kth = jax.lax.dynamic_index_in_dim(descending, k - 1, axis=-1)  # [B, 1]
-        return jnp.where(logits < kth, _NEG_INF, logits)
-
-
-@_pytree
-class TopP:
-    """Nucleus filtering: drops the least likely tokens whose cumulative probability (summed from
-    the least likely up) stays <= 1 - p; the most likely token always survives."""
-
-    p: Any  # float in [0, 1]
-
-    def __call__(self, logits: jax.Array, seen: jax.Array) -> jax.Array:
-        ascending = jnp.sort(logits, axis=-1)  # [B, V]
-        cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
-        removed = cumulative <= 1 - self.p
-        removed = removed.at[:, -1].set(False)
-        # The removed tokens are a prefix of the ascending order, so they are exactly those
-        # below the first kept score: a threshold replaces transformers' scatter back.
-        first_kept = jnp.sum(removed, axis=-1, keepdims=True)  # [B, 1]
-        threshold = jnp.take_along_axis(ascending, first_kept, axis=-1)  # [B, 1]
-        return jnp.where(logits < threshold, _NEG_INF, logits)
-
-
-@_pytree
-class MinP:
-    """Drops tokens whose probability is below p times the most likely token's."""
-
-    p: Any  # float in [0, 1]
-
-    def __call__(self, logits: jax.Array, seen: jax.Array) -> jax.Array:
-        probs = jax.nn.softmax(logits, axis=-1)  # [B, V]
-        top = jnp.max(probs, axis=-1, keepdims=True)
-        # The most likely token has probability top >= p * top, so it is never dropped.
-        return jnp.where(probs < self.p * top, _NEG_INF, logits)
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class Sampler:
-    """The processors in order, then argmax (greedy) or a draw from softmax(scores)."""
+class RowSampling:
+    """Per-row settings, each [B]: the pytree a compiled step takes as traced arguments."""
 
-    processors: tuple = ()
-    greedy: bool = dataclasses.field(default=True, metadata=dict(static=True))
-
-    def process(self, logits: jax.Array, seen: jax.Array) -> jax.Array:
-        """fp32 scores [B, V] after every processor; `seen` [B, V] marks each row's tokens."""
-        scores = logits.astype(jnp.float32)
-        for processor in self.processors:
-            scores = processor(scores, seen)
-        return scores
-
-    def __call__(self, logits: jax.Array, seen: jax.Array, key: jax.Array) -> jax.Array:
-        """Next tokens [B] int32."""
-        scores = self.process(logits, seen)
-        if self.greedy:
-            return jnp.argmax(scores, axis=-1).astype(jnp.int32)
-        return jax.random.categorical(key, scores, axis=-1).astype(jnp.int32)
+    temperature: jax.Array  # f32, 0 = greedy
+    top_k: jax.Array  # int32, 0 = off
+    top_p: jax.Array  # f32, 1 = off
+    min_p: jax.Array  # f32, 0 = off
+    repetition_penalty: jax.Array  # f32, 1 = off
 
 
-def make_sampler(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                 min_p: float | None = None, repetition_penalty: float | None = None) -> Sampler:
-    """The sampler for these settings, with transformers' processor order and conditions.
+def process(logits: jax.Array, seen: jax.Array, s: RowSampling) -> jax.Array:
+    """fp32 scores [B, V] after every processor; `seen` [B, V] marks each row's tokens."""
+    scores = logits.astype(jnp.float32)
+    # Repetition penalty: divides positive, multiplies negative scores of every token already
+    # in the row (prompt included), once per token however often it occurred.
+    penalty = s.repetition_penalty[:, None]
+    penalised = jnp.where(scores < 0, scores * penalty, scores / penalty)
+    scores = jnp.where(seen & (penalty != 1), penalised, scores)
+    sampling = s.temperature > 0
+    scores = scores / jnp.where(sampling, s.temperature, 1.0)[:, None]
+    # The sorts and the softmax cost more than the rest of a small model's step on a CPU:
+    # each runs only when some row asks for it.
+    filtered = (sampling & ((s.top_k > 0) | (s.top_p < 1))).any()
+    scores = jax.lax.cond(filtered, _top_k_top_p, lambda x, *_: x, scores, s.top_k, s.top_p)
+    return jax.lax.cond((sampling & (s.min_p > 0)).any(), _min_p, lambda x, _: x, scores,
+                        s.min_p)
 
-    temperature 0 means greedy decoding; top_k, top_p and min_p then have no meaning and are
-    refused. top_k 0/None, top_p 1/None, min_p None and repetition_penalty 1/None are off.
-    """
-    if temperature is None or temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
-                              or top_k < 0):
-        raise ValueError(f"top_k must be a non-negative integer (0 = off), got {top_k!r}")
-    if top_p is not None and not 0.0 <= top_p <= 1.0:
-        raise ValueError(f"top_p must be in [0, 1], got {top_p}")
-    if min_p is not None and not 0.0 <= min_p <= 1.0:
-        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
-    if repetition_penalty is not None and not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
-    processors: list = []
-    if repetition_penalty is not None and repetition_penalty != 1.0:
-        processors.append(RepetitionPenalty(float(repetition_penalty)))
-    if temperature == 0:
-        given = [name for name, value, off in (("top_k", top_k, (None, 0)),
-                                               ("top_p", top_p, (None, 1.0)),
-                                               ("min_p", min_p, (None,)))
-                 if value not in off]
-        if given:
-            raise ValueError(f"{', '.join(given)} only apply when sampling; set temperature > 0 "
-                             f"(temperature 0 is greedy decoding)")
-        return Sampler(tuple(processors), greedy=True)
-    if temperature != 1.0:
-        processors.append(Temperature(float(temperature)))
-    if top_k:
-        processors.append(TopK(int(top_k)))
-    if top_p is not None and top_p < 1.0:
-        processors.append(TopP(float(top_p)))
-    if min_p is not None:
-        processors.append(MinP(float(min_p)))
-    return Sampler(tuple(processors), greedy=False)
+
+def _top_k_top_p(scores: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Top-k, then top-p on what top-k kept, from one sort."""
+    V = scores.shape[-1]
+    descending = -jnp.sort(-scores, axis=-1)  # [B, V]
+    # Top-k keeps the k highest scores and every score tied with the k-th.
+    k = jnp.where(top_k > 0, jnp.clip(top_k, 1, V), V)
+    kth = jnp.take_along_axis(descending, (k - 1)[:, None], axis=-1)  # [B, 1]
+    scores = jnp.where(scores < kth, _NEG_INF, scores)
+    # Top-p: drops the least likely tokens whose cumulative probability (summed from the least
+    # likely up) stays <= 1 - p; the most likely token always survives. Masking the tail of the
+    # descending sort keeps it sorted, so it serves top-p too.
+    ascending = jnp.where(descending < kth, _NEG_INF, descending)[:, ::-1]
+    cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
+    removed = (cumulative <= 1 - top_p[:, None]) & (top_p < 1)[:, None]
+    removed = removed.at[:, -1].set(False)
+    # The removed tokens are a prefix of the ascending order, so they are exactly those below
+    # the first kept score: a threshold replaces transformers' scatter back.
+    first_kept = jnp.sum(removed, axis=-1, keepdims=True)  # [B, 1]
+    threshold = jnp.take_along_axis(ascending, first_kept, axis=-1)  # [B, 1]
+    return jnp.where(scores < threshold, _NEG_INF, scores)
+
+
+def _min_p(scores: jax.Array, min_p: jax.Array) -> jax.Array:
+    """Drops tokens whose probability is below p times the most likely token's."""
+    probs = jax.nn.softmax(scores, axis=-1)  # [B, V]
+    top = jnp.max(probs, axis=-1, keepdims=True)
+    # The most likely token has probability top >= p * top, so it is never dropped.
+    return jnp.where(probs < min_p[:, None] * top, _NEG_INF, scores)
+
+
+def row_keys(seeds: jax.Array, positions: jax.Array) -> jax.Array:
+    """[B] PRNG keys: one per row from its seed [B, 2] uint32 (low, high words) and the position
+    [B] of the token it draws."""
+    def one(seed: jax.Array, position: jax.Array) -> jax.Array:
+        key = jax.random.fold_in(jax.random.key(seed[0]), seed[1])
+        return jax.random.fold_in(key, position)
+
+    return jax.vmap(one)(seeds, positions)
+
+
+def choose(logits: jax.Array, seen: jax.Array, s: RowSampling, keys: jax.Array) -> jax.Array:
+    """Next tokens [B] int32: argmax of the processed scores for greedy rows, else a draw from
+    softmax(scores) with the row's own key."""
+    scores = process(logits, seen, s)
+    greedy = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    drawn = jax.vmap(jax.random.categorical)(keys, scores).astype(jnp.int32)
+    return jnp.where(s.temperature > 0, drawn, greedy)
+
+
+def logprobs(logits: jax.Array, tokens: jax.Array,
+             top_n: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The model's own distribution, before any processor (vLLM's and OpenAI's logprobs): the
+    log-softmax of the raw logits [B, V] in fp32. Returns the chosen tokens' logprobs [B] and
+    the top_n most likely tokens [B, top_n] with their logprobs [B, top_n]."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+    if top_n == 0:
+        B = logits.shape[0]
+        return chosen, jnp.zeros((B, 0), jnp.int32), jnp.zeros((B, 0), jnp.float32)
+    top_lp, top_ids = jax.lax.top_k(logp, top_n)
+    return chosen, top_ids.astype(jnp.int32), top_lp

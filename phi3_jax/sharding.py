@@ -56,7 +56,8 @@ RULES: Mapping[str, str | None] = {
 # follower -> leader: the follower is kept whole whenever its leader is (see the module doc).
 FOLLOWS: Mapping[str, str] = {"heads": "kv_heads"}
 
-# The KV cache's k and v, [B, S, K, H]; cache.py carries no metadata, so they are named here.
+# The KV cache's k and v, [B, S, K, H] (rows, slots, kv heads, head dim); cache.py carries no
+# metadata, so they are named here.
 CACHE_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")
 
 MESH_AXES = ("data", "model")
@@ -212,24 +213,26 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh,
     return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def cache_shardings(cache_or_config: KVCache | Phi3Config, mesh: Mesh) -> KVCache:
-    """A KVCache of NamedShardings: k and v [B, S, K, H] split on B over `data` and on K over
-    `model` (kept whole when K does not divide, as the qkv weights are); positions [B, S] on B;
-    index replicated. Given a cache (concrete or from eval_shape), its batch is checked too.
-    """
+def cache_shardings(cache_or_config: KVCache | Phi3Config, mesh: Mesh,
+                    rows: int | None = None) -> KVCache:
+    """A KVCache of NamedShardings from the rules table: k and v [B, S, K, H] are named
+    CACHE_AXES, so rows split over `data` and KV heads over `model`, kept whole where the qkv
+    weights keep them whole. Given a cache (concrete or abstract), or a config and the number
+    of rows; the rows must divide over `data`."""
     if isinstance(cache_or_config, Phi3Config):
-        layers = cache_or_config.num_hidden_layers
-        kv_heads = cache_or_config.num_key_value_heads
+        config = cache_or_config
+        layers, kv_heads, head_dim = (config.num_hidden_layers, config.num_key_value_heads,
+                                      config.head_dim)
+        if rows is None:
+            raise ValueError("cache_shardings(config, mesh, rows): rows is needed with a config")
+        shape = (rows, 1, kv_heads, head_dim)
     else:
         layers = len(cache_or_config.k)
-        batch, _, kv_heads, _ = cache_or_config.k[0].shape
-        check_batch(batch, mesh)
-    batch_axis = RULES["batch"] if axis_size(mesh, RULES["batch"]) > 1 else None
-    kv_axis = RULES["kv_heads"] if heads_split(kv_heads, mesh) else None
-    kv = NamedSharding(mesh, PartitionSpec(batch_axis, None, kv_axis, None))
-    return KVCache(k=(kv,) * layers, v=(kv,) * layers,
-                   positions=NamedSharding(mesh, PartitionSpec(batch_axis, None)),
-                   index=replicated(mesh))
+        shape = tuple(cache_or_config.k[0].shape)
+    check_batch(shape[0], mesh)
+    whole = kept_whole({"kv_heads": shape[2]}, mesh)
+    kv = NamedSharding(mesh, partition_spec(CACHE_AXES, shape, mesh, RULES, whole))
+    return KVCache(k=(kv,) * layers, v=(kv,) * layers)
 
 
 def heads_split(config_or_kv_heads: Phi3Config | int, mesh: Mesh) -> bool:

@@ -60,6 +60,55 @@ def make_hf_checkpoint(path: pathlib.Path, seed: int = 0, dtype: str = "float32"
     return path
 
 
+# ---- models shared by the generation and engine tests (session-wide: one checkpoint each, and
+# their compiled programs are shared) ---------------------------------------------------------
+
+ORIGINAL_MAX = 32  # tiny LongRoPE switch point, crossed during generation
+
+
+@pytest.fixture(scope="session")
+def longrope_model(tmp_path_factory):
+    """GQA with LongRoPE (original_max 32): generations of 24 tokens cross it."""
+    path = make_hf_checkpoint(tmp_path_factory.mktemp("lr") / "ckpt", seed=1, **FAMILY["gqa"],
+                              **longrope(8, ORIGINAL_MAX), max_position_embeddings=128)
+    return _load(path), hf_model(path)
+
+
+@pytest.fixture(scope="session")
+def window_model(tmp_path_factory):
+    path = make_hf_checkpoint(tmp_path_factory.mktemp("sw") / "ckpt", seed=2, sliding_window=8)
+    return _load(path), hf_model(path)
+
+
+@pytest.fixture(scope="session")
+def phi4mini_model(tmp_path_factory):
+    cfg = FAMILY["phi4mini"]
+    rotary = int(cfg["hidden_size"] // cfg["num_attention_heads"] * cfg["partial_rotary_factor"])
+    path = make_hf_checkpoint(tmp_path_factory.mktemp("p4") / "ckpt", seed=3, **cfg,
+                              **longrope(rotary, ORIGINAL_MAX, seed=3),
+                              max_position_embeddings=128)
+    return _load(path), hf_model(path)
+
+
+@pytest.fixture(scope="session")
+def text_model(tmp_path_factory):
+    """A model with a Phi-3-style SentencePiece tokenizer in its folder."""
+    path = tmp_path_factory.mktemp("tok") / "ckpt"
+    from tokenizer_fixtures import SP_VOCAB_SIZE, make_phi3_dir
+
+    make_phi3_dir(path)
+    make_hf_checkpoint(path, seed=4, vocab_size=SP_VOCAB_SIZE + 16)
+    model = _load(path)
+    assert model.tokenizer is not None
+    return model
+
+
+def _load(path):
+    import phi3_jax
+
+    return phi3_jax.load(path)
+
+
 @pytest.fixture
 def force_blocked(monkeypatch):
     """force_blocked(block) -> calls: from then on, prefills of 2 * block tokens or more take
@@ -105,6 +154,18 @@ def read_config(path: pathlib.Path) -> dict:
     return json.loads((path / "config.json").read_text())
 
 
+def cli_error(capsys, *argv: str) -> str:
+    """Runs `phi3-jax ARGV` in-process; asserts what bad input must give (exit status 2 and one
+    line on stderr, no traceback) and returns that line."""
+    from phi3_jax.cli import main
+
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
 # A tiny Phi-3-style tokenizer folder (SentencePiece trained on the fly + the Phi-3 special tokens
 # and chat template), shared by the tokenizer and chat tests.
 @pytest.fixture(scope="module")
@@ -112,6 +173,19 @@ def phi3_dir(tmp_path_factory):
     from tokenizer_fixtures import make_phi3_dir
 
     return make_phi3_dir(tmp_path_factory.mktemp("phi3"))
+
+
+@pytest.fixture(scope="module")
+def phi3_hub_dir(phi3_dir, tmp_path_factory):
+    """phi3_dir plus the Hub's tokenizer.json for its tokenizer.model (the checkpoint's own)."""
+    import shutil
+
+    from tokenizer_fixtures import write_hub_tokenizer_json
+
+    path = tmp_path_factory.mktemp("phi3-hub") / "tok"
+    shutil.copytree(phi3_dir, path)
+    write_hub_tokenizer_json(path)
+    return path
 
 
 @pytest.fixture(scope="module")

@@ -18,16 +18,15 @@ from flax import nnx
 from phi3_jax import attention
 from phi3_jax.api import Phi3
 from phi3_jax.attention import (
-    ATTENTION_ENV,
+    Kernels,
     attention_mask,
+    blocked_cached_attention,
     blocked_causal_attention,
     causal_attention,
+    choose_kernels,
     decode_attention,
-    decode_impl,
     dot_product_attention,
-    heads_split,
     prefill_block,
-    prefill_impl,
 )
 from phi3_jax.config import Phi3Config
 from phi3_jax.model import Phi3ForCausalLM
@@ -35,29 +34,37 @@ from phi3_jax.model import Phi3ForCausalLM
 BF16_ULP = 2.0 ** -8
 
 
-@pytest.fixture(autouse=True)
-def _no_env(monkeypatch):
-    monkeypatch.delenv(ATTENTION_ENV, raising=False)
-
-
-def test_selection(monkeypatch):
+def test_selection():
     assert jax.default_backend() == "cpu"
     # "auto" (the default) takes the fast paths on GPUs only.
     for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
-        assert prefill_impl(dtype) == "xla"
-    assert decode_impl() == "einsum"
-    monkeypatch.setenv(ATTENTION_ENV, "FAST")
-    assert prefill_impl(jnp.bfloat16) == prefill_impl(jnp.float16) == "cudnn"
-    assert prefill_impl(jnp.float32) == "xla"  # no fp32 kernel: fp32 stays the reference
-    assert decode_impl() == "matmul"
-    with heads_split(True):  # KV heads split over a mesh axis: the einsum partitions freely
-        assert decode_impl() == "einsum"
-    assert decode_impl() == "matmul"
-    monkeypatch.setenv(ATTENTION_ENV, "xla")
-    assert prefill_impl(jnp.bfloat16) == "xla" and decode_impl() == "einsum"
-    monkeypatch.setenv(ATTENTION_ENV, "cudnn")  # the old opt-in value is an error now
-    with pytest.raises(ValueError, match=ATTENTION_ENV):
-        prefill_impl(jnp.bfloat16)
+        assert choose_kernels("auto", dtype) == Kernels("blocked", "einsum", False)
+    gpu = dict(backend="gpu")
+    assert choose_kernels("auto", jnp.bfloat16, **gpu) == Kernels("cudnn", "matmul", True)
+    assert choose_kernels("auto", jnp.float16, **gpu).prefill == "cudnn"
+    # No fp32 kernel: fp32 takes the blocked prefill; the decode matmul still applies.
+    assert choose_kernels("auto", jnp.float32, **gpu) == Kernels("blocked", "matmul", True)
+    # KV heads split over a mesh axis: the einsum decode partitions with no communication.
+    assert choose_kernels("auto", jnp.bfloat16, heads_split=True, **gpu).decode == "einsum"
+    assert choose_kernels("xla", jnp.bfloat16, **gpu) == Kernels("xla", "einsum", False)
+    assert choose_kernels("blocked", jnp.bfloat16, **gpu) == Kernels("blocked", "einsum", False)
+    assert choose_kernels("cudnn", jnp.bfloat16, **gpu).prefill == "cudnn"
+    with pytest.raises(ValueError, match="needs a GPU"):
+        choose_kernels("cudnn", jnp.bfloat16)
+    with pytest.raises(ValueError, match="float32"):
+        choose_kernels("cudnn", jnp.float32, **gpu)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        choose_kernels("fast")
+
+
+def test_load_carries_the_choice(hf_checkpoint):
+    import phi3_jax
+
+    path = hf_checkpoint()
+    assert phi3_jax.load(path).kernels == Kernels("blocked", "einsum", False)
+    assert phi3_jax.load(path, attention="xla").kernels == Kernels("xla", "einsum", False)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        phi3_jax.load(path, attention="flash")
 
 
 def test_attention_mask_by_hand():
@@ -134,6 +141,25 @@ def test_blocked_causal_attention_matches_reference(window, T, block):
     if window == 4:
         loose = np.asarray(blocked_causal_attention(q, k, v, lengths, None, block))
         assert np.abs(loose[valid] - ref[valid]).max() > 1e-2
+
+
+@pytest.mark.parametrize("window", [None, 4, 9])
+@pytest.mark.parametrize("S,block", [(24, 4), (21, 4), (24, 5)])
+def test_blocked_cached_attention_matches_reference(window, S, block):
+    """A later prompt chunk over its row's cache: queries at positions start .. start + T - 1
+    (different starts per row), keys at 0 .. S - 1; key blocks before the window and past the
+    chunk skipped, S not a multiple of the block."""
+    rs = np.random.RandomState(3)
+    B, T, K, G, H = 2, 6, 2, 3, 8
+    q = jnp.asarray(rs.normal(size=(B, T, K, G, H)), jnp.float32)
+    k = jnp.asarray(rs.normal(size=(B, S, K, H)), jnp.float32)
+    v = jnp.asarray(rs.normal(size=(B, S, K, H)), jnp.float32)
+    starts = jnp.asarray([S - T, 7], jnp.int32)
+    q_pos = starts[:, None] + jnp.arange(T)[None]
+    k_pos = jnp.broadcast_to(jnp.arange(S), (B, S))
+    ref = np.asarray(dot_product_attention(q, k, v, attention_mask(q_pos, k_pos, window)))
+    got = np.asarray(blocked_cached_attention(q, k, v, starts, window, block))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
 def _attention_grads(fn, q, k, v, pos, seed=1):
@@ -276,26 +302,31 @@ def test_generate_fast_paths_match_reference(monkeypatch, dtype, case):
              dict(longrope(8, 16), max_position_embeddings=64))  # 11 + 10 tokens cross 16
     config = Phi3Config.from_hf(dict(TINY, model_type="phi3", num_attention_heads=8,
                                      num_key_value_heads=2, **extra))
-    module = Phi3ForCausalLM(config, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(3))
+    module = Phi3ForCausalLM(config, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(3),
+                             kernels=Kernels("xla", "einsum", False))
     graphdef, params = nnx.split(module)
     model = Phi3(config, graphdef, params, generation_config={})
+    # The same weights with the GPU's choice: fp32 too, since the kernel's contract is
+    # dtype-free and fp32 makes the comparison exact.
+    fast_graphdef, _ = nnx.split(Phi3ForCausalLM(config, dtype=jnp.dtype(dtype),
+                                                 rngs=nnx.Rngs(3),
+                                                 kernels=Kernels("cudnn", "matmul", True)))
+    fast = Phi3(config, fast_graphdef, params, generation_config={})
     rs = np.random.RandomState(2)
     prompts = [rs.randint(3, 100, n).tolist() for n in (11, 3, 7)]
     ref = [c.token_ids for c in model.generate(prompts, max_new_tokens=10, temperature=0.0)]
     # One row: the fast path also gives o_proj a second (zero) row there.
     [ref_one] = model.generate(prompts[0], max_new_tokens=10, temperature=0.0)
     assert calls == {"kernel": 0, "decode": 0}
-    monkeypatch.setenv(ATTENTION_ENV, "fast")
-    # fp32 too: the kernel's contract is dtype-free, and fp32 makes the comparison exact.
-    monkeypatch.setattr(attention, "prefill_impl", lambda dtype: "cudnn")
     monkeypatch.setattr(jax.nn, "dot_product_attention", poisoned_kernel)
     monkeypatch.setattr(attention, "decode_attention", counted_decode)
-    jax.clear_caches()  # the choice is made at trace time
-    got = [c.token_ids for c in model.generate(prompts, max_new_tokens=10, temperature=0.0)]
-    [got_one] = model.generate(prompts[0], max_new_tokens=10, temperature=0.0)
+    jax.clear_caches()  # the kernels are traced calls
+    got = [c.token_ids for c in fast.generate(prompts, max_new_tokens=10, temperature=0.0)]
+    [got_one] = fast.generate(prompts[0], max_new_tokens=10, temperature=0.0)
     jax.clear_caches()
-    # One kernel trace per program (the layers share one trace): two prefills, and with
-    # LongRoPE the re-prefill of each compiled decode loop.
+    # One kernel trace per prefill program (the layers share one trace): a 16-token first
+    # chunk for each of the two engines (four rows, one row), and with LongRoPE each engine's
+    # 24-token chunk that re-prefills a crossing row (17 tokens).
     assert calls["kernel"] == (2 if case == "window" else 4)
     assert calls["decode"] >= 1
     if dtype == "float32":
@@ -304,17 +335,17 @@ def test_generate_fast_paths_match_reference(monkeypatch, dtype, case):
         assert all(g[:2] == r[:2] for g, r in zip(got, ref, strict=True))
 
 
-def test_layers_share_one_trace_keyed_by_the_paths(monkeypatch):
+def test_layers_share_one_trace_keyed_by_the_kernels(monkeypatch):
     """A model call traces its decoder layer once, not once per layer, and that cached trace is
-    keyed by the attention paths: a decode step traced after PHI3_JAX_ATTENTION (or the
-    heads-split context) changes takes the new path, with no cache clearing, and each path's
-    trace is reused, not repeated."""
-    from phi3_jax.cache import KVCache
+    keyed by the kernels: a model built with other kernels takes its own path, with no cache
+    clearing, and each path's trace is reused, not repeated."""
+    from phi3_jax.cache import CacheUpdate, KVCache
     from phi3_jax.model import DecoderLayer
 
     config = Phi3Config.from_hf(dict(TINY, model_type="phi3", num_hidden_layers=3,
                                      num_attention_heads=8, num_key_value_heads=2))
-    model = Phi3ForCausalLM(config, rngs=nnx.Rngs(0))
+    reference = Phi3ForCausalLM(config, rngs=nnx.Rngs(0))
+    fast = Phi3ForCausalLM(config, rngs=nnx.Rngs(0), kernels=Kernels("cudnn", "matmul", True))
     calls = {"layer": 0, "decode": 0}
     real_layer, real_decode = DecoderLayer.__call__, attention.decode_attention
 
@@ -332,17 +363,16 @@ def test_layers_share_one_trace_keyed_by_the_paths(monkeypatch):
     cache = KVCache.init(config, 2, 16, jnp.float32)
     tokens = jnp.array([[5], [7]], jnp.int32)
     positions = jnp.zeros((2, 1), jnp.int32)
+    update = CacheUpdate(starts=positions[:, 0], read_len=16)
 
-    def trace() -> None:  # a fresh outer function each time: only the layer's cache can hit
-        jax.eval_shape(lambda: model(tokens, positions, cache))
+    def trace(model) -> None:  # a fresh outer function each time: only the layer's cache hits
+        jax.eval_shape(lambda: model(tokens, positions, cache, update))
 
-    trace()
+    trace(reference)
     assert calls == {"layer": 1, "decode": 0}  # 3 layers, one trace; the XLA reference path
-    monkeypatch.setenv(ATTENTION_ENV, "fast")
-    trace()
+    trace(fast)
     assert calls == {"layer": 2, "decode": 1}  # a new key: traced again, the matmul decode
-    with heads_split(True):
-        trace()
-    trace()
-    assert calls == {"layer": 3, "decode": 1}  # einsum once more, then the matmul trace reused
+    trace(reference)
+    trace(fast)
+    assert calls == {"layer": 2, "decode": 1}  # both traces reused
     jax.clear_caches()

@@ -1,8 +1,11 @@
 """Chat templates: parity with transformers' apply_chat_template, built-in formats, errors."""
 
 import json
+import re
+import shutil
 
 import pytest
+import tokenizers
 from tokenizer_fixtures import (
     PHI3_CHAT_TEMPLATE,
     PHI4_MINI_SPECIAL_TOKENS,
@@ -40,16 +43,21 @@ PHI3_MEDIUM_TEMPLATE = (
 
 @pytest.mark.parametrize("messages", CONVERSATIONS)
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
-def test_checkpoint_template_matches_transformers(phi3, hf_phi3, messages, add_generation_prompt):
+def test_checkpoint_template_matches_transformers(
+    phi3, hf_phi3, phi3_hub_dir, messages, add_generation_prompt
+):
+    """The text is transformers' rendering; the ids are the checkpoint's tokenizer.json's (which
+    transformers v5 does not reproduce, see test_tokenizer.py), from either tokenizer file."""
     assert phi3.chat_format.name == "checkpoint"
     text = phi3.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
     assert text == hf_phi3.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=add_generation_prompt
     )
-    ids = hf_phi3.apply_chat_template(
-        messages, tokenize=True, return_dict=False, add_generation_prompt=add_generation_prompt
-    )
-    assert phi3.encode_chat(messages, add_generation_prompt=add_generation_prompt) == list(ids)
+    hub = tokenizers.Tokenizer.from_file(str(phi3_hub_dir / "tokenizer.json"))
+    ids = hub.encode(text, add_special_tokens=False).ids
+    assert phi3.encode_chat(messages, add_generation_prompt=add_generation_prompt) == ids
+    with_json = Tokenizer.from_dir(phi3_hub_dir)
+    assert with_json.encode_chat(messages, add_generation_prompt=add_generation_prompt) == ids
 
 
 @pytest.mark.parametrize("template", [PHI35_TEMPLATE, PHI3_MEDIUM_TEMPLATE])
@@ -151,7 +159,7 @@ def test_chat_template_json_and_named_templates(tmp_path):
     (path / "chat_template.json").write_text(json.dumps({"chat_template": "json:{{ bos_token }}"}))
     assert Tokenizer.from_dir(path).apply_chat_template([USER]) == "json:<s>"
     named = [{"name": "tool_use", "template": "no"}, {"name": "default", "template": "yes"}]
-    assert chat.read_chat_template(path, {"chat_template": named}) == "yes"
+    assert chat.read_chat_format(path, {"chat_template": named}).template == "yes"
 
 
 # --- rendering rules and errors ----------------------------------------------------------------
@@ -205,3 +213,97 @@ def test_template_is_sandboxed():
 def test_invalid_messages(phi3, messages, error, match):
     with pytest.raises(error, match=match):
         phi3.apply_chat_template(messages)
+
+
+# --- bounded rendering (issue 15) -------------------------------------------------------------
+# The sandbox alone lets a template exhaust the machine; every render is bounded, and a template
+# that goes past a bound is a ValueError naming the template's file.
+
+RUNAWAY = [
+    # the probe's two
+    ("{% for i in range(10**9) %}x{% endfor %}", "Range too big"),
+    ("{{ 'a' * 10**12 }}", "a repetition would build 1,000,000,000,000 items"),
+    # the same class: one step that allocates or computes too much
+    ("{{ [0] * 10**9 }}", "a repetition would build 1,000,000,000 items"),
+    ("{{ 10 ** (10 ** 10) }}", "an integer of about 40,000,000,000 bits"),
+    ("{{ 'x' | center(10**10) }}", "the center filter's argument of 10,000,000,000"),
+    ("{{ 'x'.ljust(10**10) }}", "str.ljust width of 10,000,000,000"),
+    ("{{ 'x'.zfill(10**10) }}", "str.zfill width of 10,000,000,000"),
+    ("{{ '%999999999d' % 1 }}", "a format width of 999,999,999"),
+    ("{{ '%*d' % (10**9, 1) }}", "a format width of 1,000,000,000"),
+    ("{{ '%.999999999f' | format(1.5) }}", "a format width of 999,999,999"),
+    ("{{ '{:999999999}'.format(1) }}", "a format width of 999,999,999"),
+    ("{{ '{:{w}}'.format(1, w=10**9) }}", "a format width of 1,000,000,000"),
+    ("{{ ('x' * 10**6).replace('', 'yyyyyyyyyyyyyyyyy') }}", "str.replace would build"),
+    ("{{ ('\t' * 1000).expandtabs(10**6) }}", "str.expandtabs would build"),
+    ("{{ messages | tojson(indent=10**9) }}", "the tojson filter's argument of 1,000,000,000"),
+    ("{{ range(10) | batch(10**9, 'x') | list }}", "the batch filter's argument"),
+    ("{{ ('x\n' * 100000) | indent(1000) }}", "the indent filter would build"),
+    # growth over many steps: doubling, squaring
+    ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}"
+     "{% endfor %}{{ ns.s }}", "it built a string of length 33,554,432"),
+    ("{% set ns = namespace(s=['a']) %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}"
+     "{% endfor %}", "a concatenation would build 33,554,432 items"),
+    ("{% set ns = namespace(x=3) %}{% for i in range(64) %}{% set ns.x = ns.x * ns.x %}"
+     "{% endfor %}", "an integer of about 103,874 bits"),
+    # time: loops that allocate nothing
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+     "it ran more than 2,000,000 steps"),
+    ("{{ lipsum(10**5) }}", "it ran more than 2,000,000 steps"),
+    ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "its output passed 16,777,216"),
+    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "it recursed too deeply"),
+]
+
+
+@pytest.mark.parametrize("template,reason", RUNAWAY, ids=[t[:40] for t, _ in RUNAWAY])
+def test_runaway_template_is_stopped(template, reason):
+    fmt = chat.checkpoint_format(template, "/models/evil/chat_template.jinja")
+    with pytest.raises(ValueError) as e:
+        chat.render(fmt, [USER], add_generation_prompt=True, special_tokens={})
+    message = str(e.value)
+    assert message.startswith("the chat template of /models/evil/chat_template.jinja was "
+                              "stopped: "), message
+    assert reason in message and "\n" not in message
+
+
+@pytest.mark.parametrize("template,expected", [
+    ("{{ 'ab' * 3 }}|{{ 3 * 'ab' }}|{{ [1] * 2 }}|{{ 2 ** 64 }}", "ababab|ababab|[1, 1]|"
+                                                                 "18446744073709551616"),
+    ("{{ '%05.1f|%s' % (3.14159, 'x') }}|{{ '%d-%s' | format(3, 'b') }}", "003.1|x|3-b"),
+    ("{{ '{:>6}|{:.2f}'.format('a', 2.5) }}|{{ 'ab'.center(6, '*') }}", "     a|2.50|**ab**"),
+    ("{{ messages | tojson(indent=2) | length > 0 }}|{{ ('a\nb' | indent(2)) }}", "True|a\n  b"),
+    ("{% for i in range(1000) %}{% endfor %}{{ range(100000) | length }}", "100000"),
+])
+def test_templates_within_bounds_render_as_python_does(template, expected):
+    assert _render(template, [USER]) == expected
+
+
+@pytest.mark.parametrize("template,message", [
+    ("{{ 1 / 0 }}", "failed: ZeroDivisionError: division by zero"),
+    ("{% for m in messages %}", "is not a valid template: Unexpected end of template."),
+])
+def test_template_errors_name_the_source(template, message):
+    fmt = chat.checkpoint_format(template, "/m/tokenizer_config.json")
+    with pytest.raises(ValueError, match=re.escape(
+            f"the chat template of /m/tokenizer_config.json {message}")):
+        chat.render(fmt, [USER], add_generation_prompt=True, special_tokens={})
+
+
+def test_template_errors_name_its_file_through_the_cli(tmp_path, capsys):
+    from conftest import cli_error
+
+    from phi3_jax.embedded import MODEL_DIR
+
+    model = shutil.copytree(MODEL_DIR, tmp_path / "model")
+    (model / "chat_template.jinja").write_text("{% for i in range(10**9) %}x{% endfor %}")
+    err = cli_error(capsys, "generate", "--model", str(model), "--prompt", "1+1=", "--chat")
+    assert (f"the chat template of {model / 'chat_template.jinja'} was stopped: it asked for "
+            f"too much (OverflowError: Range too big.") in err
+
+
+def test_a_long_chat_renders_within_the_bounds(phi3, hf_phi3):
+    """1,000 turns (some 260 kB of prompt, ~30k steps): far inside the bounds, same text."""
+    messages = [{"role": ("user", "assistant")[i % 2], "content": f"turn {i} " * 30}
+                for i in range(1000)]
+    assert phi3.apply_chat_template(messages) == hf_phi3.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True)

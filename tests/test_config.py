@@ -15,9 +15,9 @@ import jax
 import numpy as np
 import pytest
 
-from phi3_jax.api import abstract_model
 from phi3_jax.config import Phi3Config, longrope_attention_factor
 from phi3_jax.hf_weights import tensor_specs
+from phi3_jax.model import abstract_model
 from phi3_jax.rope import inverse_frequencies
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "configs"
@@ -227,3 +227,141 @@ def test_v5_rope_parameters_only_inside():
 def test_to_hf_round_trip(name):
     config = Phi3Config.from_hf(raw(name))
     assert Phi3Config.from_hf(config.to_hf()) == config
+
+
+# ---- every field's type and range, named in the error (issue 15) ----
+
+V = "(an integer in [0, vocab_size = 32064))"
+# (fixture, {field: value} to set; a dotted key sets inside rope_scaling; None deletes), message
+BAD_FIELDS = [
+    # the probe's examples
+    ("phi3_mini_4k", {"hidden_size": "128"}, "'hidden_size' must be a positive integer, got '128'"),
+    ("phi3_mini_4k", {"num_attention_heads": 0},
+     "'num_attention_heads' must be a positive integer, got 0"),
+    ("phi3_mini_4k", {"num_attention_heads": "4"},
+     "'num_attention_heads' must be a positive integer, got '4'"),
+    ("phi3_mini_4k", {"rms_norm_eps": None}, "'rms_norm_eps' must be a positive number, got None"),
+    ("phi3_mini_4k", {"rms_norm_eps": "abc"},
+     "'rms_norm_eps' must be a positive number, got 'abc'"),
+    ("phi3_mini_4k", {"rope_theta": [1, 2]}, "'rope_theta' must be a positive number, got [1, 2]"),
+    ("phi3_mini_128k", {"original_max_position_embeddings": 0},
+     "'original_max_position_embeddings' must be an integer >= 2, got 0"),
+    ("phi3_mini_128k", {"original_max_position_embeddings": 1},
+     "'original_max_position_embeddings' must be an integer >= 2, got 1"),
+    ("phi3_mini_128k", {"rope_scaling.factor": "2"},
+     "'rope_scaling.factor' must be a positive number, got '2'"),
+    ("phi3_mini_128k", {"rope_scaling.short_factor": [1.0] * 47 + [None]},
+     "'rope_scaling.short_factor' must hold positive finite numbers; entry 47 is None"),
+    ("phi3_mini_128k", {"rope_scaling.long_factor": ["1.0"] * 48},
+     "'rope_scaling.long_factor' must hold positive finite numbers; entry 0 is '1.0'"),
+    ("phi3_mini_4k", {"eos_token_id": "abc"}, f"'eos_token_id' holds 'abc', which is not a token "
+                                              f"id {V}"),
+    ("phi3_mini_4k", {"eos_token_id": 2**40},
+     f"'eos_token_id' holds 1099511627776, which is not a token id {V}"),
+    # the same classes, other fields and values
+    ("phi3_mini_4k", {"vocab_size": True}, "'vocab_size' must be a positive integer, got True"),
+    ("phi3_mini_4k", {"num_hidden_layers": 32.0},
+     "'num_hidden_layers' must be a positive integer, got 32.0"),
+    ("phi3_mini_4k", {"num_key_value_heads": 0},
+     "'num_key_value_heads' must be a positive integer, got 0"),
+    ("phi3_mini_4k", {"max_position_embeddings": 2**40},
+     "'max_position_embeddings' is 1099511627776, more than phi3-jax supports (2147483647)"),
+    ("phi3_mini_4k", {"intermediate_size": -8192},
+     "'intermediate_size' must be a positive integer, got -8192"),
+    ("phi3_mini_4k", {"head_dim": "96"}, "'head_dim' ('96') must equal hidden_size"),
+    ("phi3_mini_4k", {"sliding_window": "2047"},
+     "'sliding_window' must be a positive integer, got '2047'"),
+    ("phi3_mini_4k", {"sliding_window": 0}, "'sliding_window' must be a positive integer, got 0"),
+    ("phi3_mini_4k", {"rms_norm_eps": float("nan")},
+     "'rms_norm_eps' must be a positive number, got nan"),
+    ("phi3_mini_4k", {"rope_theta": True}, "'rope_theta' must be a positive number, got True"),
+    ("phi3_mini_4k", {"partial_rotary_factor": 1.5},
+     "'partial_rotary_factor' must be a number in (0, 1.0], got 1.5"),
+    ("phi3_mini_4k", {"partial_rotary_factor": "0.5"},
+     "'partial_rotary_factor' must be a number in (0, 1.0], got '0.5'"),
+    ("phi3_mini_4k", {"tie_word_embeddings": "false"},
+     "'tie_word_embeddings' must be true or false, got 'false'"),
+    ("phi3_mini_4k", {"attention_bias": "no"}, "'attention_bias' must be true or false, got 'no'"),
+    ("phi3_mini_4k", {"bos_token_id": -1}, f"'bos_token_id' holds -1, which is not a token id {V}"),
+    ("phi3_mini_4k", {"pad_token_id": 32064},
+     f"'pad_token_id' holds 32064, which is not a token id {V}"),
+    ("phi3_mini_4k", {"eos_token_id": [32000, None]},
+     f"'eos_token_id' holds None, which is not a token id {V}"),
+    ("phi3_mini_4k", {"eos_token_id": [32000, True]},
+     f"'eos_token_id' holds True, which is not a token id {V}"),
+    ("phi3_mini_4k", {"eos_token_id": {"id": 1}},
+     f"'eos_token_id' holds {{'id': 1}}, which is not a token id {V}"),
+    ("phi3_mini_4k", {"model_type": ["phi3"]}, "'model_type' is ['phi3'], which phi3-jax does not"),
+    ("phi3_mini_4k", {"rope_scaling": "longrope"},
+     "'rope_scaling' must be an object or null, got 'longrope'"),
+    ("phi3_mini_128k", {"rope_scaling.type": ["longrope"]},
+     "'rope_scaling.type' is ['longrope']; supported"),
+    ("phi3_mini_128k", {"rope_scaling.long_factor": "1,2"},
+     "'rope_scaling.long_factor' must be a list of numbers, got '1,2'"),
+    ("phi3_mini_128k", {"rope_scaling.short_factor": [1.0] * 47 + [True]},
+     "'rope_scaling.short_factor' must hold positive finite numbers; entry 47 is True"),
+    ("phi3_mini_128k", {"rope_scaling.short_factor": [float("inf")] * 48},
+     "'rope_scaling.short_factor' must hold positive finite numbers; entry 0 is inf"),
+    ("phi3_mini_128k", {"rope_scaling.attention_factor": 0},
+     "'rope_scaling.attention_factor' must be a positive number, got 0"),
+    ("phi3_mini_128k", {"rope_scaling.factor": -2.0},
+     "'rope_scaling.factor' must be a positive number, got -2.0"),
+    ("phi3_mini_4k", {"original_max_position_embeddings": "4096"},
+     "'original_max_position_embeddings' must be an integer >= 2, got '4096'"),
+]
+
+
+def _mutate(raw: dict, changes: dict) -> dict:
+    for key, value in changes.items():
+        target, key = (raw["rope_scaling"], key[13:]) if key.startswith("rope_scaling.") else (
+            raw, key)
+        target[key] = value
+    return raw
+
+
+@pytest.mark.parametrize("name,changes,message", BAD_FIELDS,
+                         ids=[f"{k}={v!r:.20}" for _, c, _ in BAD_FIELDS for k, v in c.items()])
+def test_bad_field_is_refused_by_name(name, changes, message):
+    from phi3_jax.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        Phi3Config.from_hf(_mutate(raw(name), changes))
+    assert str(e.value).startswith(f"config field {message}"), str(e.value)
+
+
+def test_v5_layout_names_rope_parameters():
+    from phi3_jax.config import ConfigError
+
+    v5 = raw("phi3_mini_128k")
+    v5["rope_parameters"] = {**v5.pop("rope_scaling"), "rope_type": "longrope", "factor": "2"}
+    with pytest.raises(ConfigError, match=r"'rope_parameters.factor' must be a positive number"):
+        Phi3Config.from_hf(v5)
+
+
+@pytest.mark.parametrize("content,message", [
+    ("[1, 2]", "expected a JSON object, got an array"),
+    ('"phi3"', "expected a JSON object, got a string"),
+    ('{"model_type": "phi3",', "not valid JSON (Expecting property name enclosed in double "
+                               "quotes at line 1 column 23)"),
+])
+def test_config_file_that_is_not_an_object(tmp_path, content, message):
+    from phi3_jax.config import ConfigError
+
+    (tmp_path / "config.json").write_text(content)
+    with pytest.raises(ConfigError) as e:
+        Phi3Config.from_hf(tmp_path)
+    assert str(e.value) == f"{tmp_path / 'config.json'}: {message}"
+
+
+def test_token_id_rules():
+    """Ids lie in [0, vocab_size). Without an eos_token_id, transformers' default 32000 is taken
+    when the vocabulary holds it, and none otherwise; ints given for floats become floats."""
+    base = {**raw("phi3_mini_4k"), "rope_theta": 10000, "rms_norm_eps": 1}
+    del base["eos_token_id"]
+    config = Phi3Config.from_hf(base)
+    assert config.eos_token_id == (32000,)
+    assert isinstance(config.rope_theta, float) and isinstance(config.rms_norm_eps, float)
+    assert Phi3Config.from_hf({**base, "vocab_size": 32000, "pad_token_id": 0}).eos_token_id == ()
+    assert Phi3Config.from_hf({**base, "eos_token_id": [32000, 32007]}).eos_token_id == (
+        32000, 32007)
+    assert Phi3Config.from_hf({**base, "eos_token_id": None}).eos_token_id == ()

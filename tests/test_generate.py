@@ -9,15 +9,14 @@ import jax
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILY, hf_model, longrope, make_hf_checkpoint
-from tokenizer_fixtures import SP_VOCAB_SIZE, make_phi3_dir
+from conftest import ORIGINAL_MAX, make_hf_checkpoint
 
 import phi3_jax
-from phi3_jax import generate as gen
-from phi3_jax.api import Phi3, abstract_model
+from phi3_jax.api import Phi3
+from phi3_jax.engine import programs
+from phi3_jax.model import abstract_model
 
 NEW = 24  # max_new_tokens everywhere, so the compiled programs are shared between tests
-ORIGINAL_MAX = 32  # tiny LongRoPE switch point, crossed during generation
 
 
 def _prompt(length: int, seed: int, vocab: int = 128) -> list[int]:
@@ -30,41 +29,6 @@ def _hf_greedy(ref, prompt: list[int], new: int = NEW, **kwargs) -> list[int]:
     out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
                        do_sample=False, **kwargs)
     return out[0, len(prompt):].tolist()
-
-
-@pytest.fixture(scope="module")
-def longrope_model(tmp_path_factory):
-    """GQA with LongRoPE (original_max 32): generations of 24 tokens cross it."""
-    path = make_hf_checkpoint(tmp_path_factory.mktemp("lr") / "ckpt", seed=1, **FAMILY["gqa"],
-                              **longrope(8, ORIGINAL_MAX), max_position_embeddings=128)
-    return phi3_jax.load(path), hf_model(path)
-
-
-@pytest.fixture(scope="module")
-def window_model(tmp_path_factory):
-    path = make_hf_checkpoint(tmp_path_factory.mktemp("sw") / "ckpt", seed=2, sliding_window=8)
-    return phi3_jax.load(path), hf_model(path)
-
-
-@pytest.fixture(scope="module")
-def phi4mini_model(tmp_path_factory):
-    cfg = FAMILY["phi4mini"]
-    rotary = int(cfg["hidden_size"] // cfg["num_attention_heads"] * cfg["partial_rotary_factor"])
-    path = make_hf_checkpoint(tmp_path_factory.mktemp("p4") / "ckpt", seed=3, **cfg,
-                              **longrope(rotary, ORIGINAL_MAX, seed=3),
-                              max_position_embeddings=128)
-    return phi3_jax.load(path), hf_model(path)
-
-
-@pytest.fixture(scope="module")
-def text_model(tmp_path_factory):
-    """A model with a Phi-3-style SentencePiece tokenizer in its folder."""
-    path = tmp_path_factory.mktemp("tok") / "ckpt"
-    make_phi3_dir(path)
-    make_hf_checkpoint(path, seed=4, vocab_size=SP_VOCAB_SIZE + 16)
-    model = phi3_jax.load(path)
-    assert model.tokenizer is not None
-    return model
 
 
 # ---- parity with transformers' generate -----------------------------------------------------
@@ -129,87 +93,50 @@ def test_repetition_penalty_matches_transformers(window_model):
 
 # ---- incremental decoding equals the full forward -------------------------------------------
 
-def _stepwise_logits(model, prompts, **kwargs):
-    """Runs the generator one token at a time; yields (step, generated ids per row, logits)."""
-    request = gen._prepare(model, prompts, max_new_tokens=NEW, **kwargs)
-    state, decode, Tp, n = gen._launch(model, request)
-    for step in range(1, NEW + 1):
-        tokens, lengths = np.asarray(state.tokens), np.asarray(state.lengths)
-        done = np.asarray(state.done)
-        generated = [tokens[i, Tp:Tp + lengths[i] - len(p)].tolist()
-                     for i, p in enumerate(request.prompts)]
-        yield step, generated, np.asarray(state.logits)[:n], done[:n]
-        if done[:n].all():
-            return
-        state = decode(state, step + 1)
-
-
-def test_blocked_prefill_matches_transformers(longrope_model, window_model, force_blocked):
-    """Long prefills take blocked_causal_attention (here with 4-token blocks, so these short
-    prompts are long): the padded batch whose rows cross original_max (the re-prefill runs it
-    over the whole cache) and a prompt longer than the sliding window still equal
-    transformers, row by row."""
-    calls = force_blocked(4)
-    model, ref = longrope_model
-    prompts = [_prompt(n, seed=n) for n in (3, 11, 25)]
-    for prompt, out in zip(prompts, model.generate(prompts, max_new_tokens=NEW), strict=True):
-        assert out.token_ids == _hf_greedy(ref, prompt)
-    model, ref = window_model
-    prompt = _prompt(12, seed=6)
-    [out] = model.generate(prompt, max_new_tokens=NEW)
-    assert out.token_ids == _hf_greedy(ref, prompt)
-    # Traced once per program: two prefills and the re-prefill of the crossing batch.
-    assert calls == [4, 4, 4]
+def _check_logprobs_against_full_forward(model, prompt, out):
+    """Each new token's logprob (the raw log-softmax it was drawn from) equals the log-softmax
+    of model.logits on the whole sequence before it (which, alone, decides its LongRoPE
+    factors)."""
+    sequence = prompt + out.token_ids
+    for j, lp in enumerate(out.logprobs):
+        before = sequence[:len(prompt) + j]
+        full = np.asarray(jax.nn.log_softmax(np.asarray(model.logits([before]))[0, -1]))
+        assert lp.token_id == out.token_ids[j]
+        np.testing.assert_allclose(lp.logprob, full[lp.token_id], rtol=1e-5, atol=1e-5)
+        top_ids = [i for i, _ in lp.top]
+        assert top_ids == np.argsort(-full)[:len(top_ids)].tolist()
+        np.testing.assert_allclose([v for _, v in lp.top], full[top_ids], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("lengths", [(20, 7), (12,)])
 def test_cached_logits_equal_full_forward(longrope_model, window_model, lengths):
-    """At every step, the logits that chose the newest token equal model.logits on the whole
-    sequence so far: across the LongRoPE re-prefill (20 + 13 crosses; 7 + 24 does not), and
-    under a sliding window shorter than the sequence."""
+    """Each drawn token's logprob equals the log-softmax of model.logits on the whole sequence
+    so far: across the LongRoPE re-prefill (20 + 13 crosses; 7 + 24 does not), and under a
+    sliding window shorter than the sequence."""
     model = longrope_model[0] if len(lengths) == 2 else window_model[0]
     prompts = [_prompt(n, seed=10 + n) for n in lengths]
-    crossed = False
-    for _, generated, logits, done in _stepwise_logits(model, prompts):
-        for i, prompt in enumerate(prompts):
-            if done[i] and len(generated[i]) < NEW:
-                continue  # finished on eos: its logits no longer change
-            sequence = prompt + generated[i][:-1]  # the newest token was chosen from these
-            full = np.asarray(model.logits([sequence]))[0, -1]
-            np.testing.assert_allclose(logits[i], full, rtol=1e-5, atol=1e-5)
-            crossed |= len(sequence) > ORIGINAL_MAX
-    assert crossed or len(lengths) == 1
-
-
-def test_reprefill_is_compiled_only_when_a_row_can_cross(longrope_model, monkeypatch):
-    """The re-prefill branch is traced only for batches with a row that starts at or below
-    original_max and may grow past it (a prompt already past it needs none)."""
-    model, ref = longrope_model
-    traced = []
-    real = gen._reprefill
-    monkeypatch.setattr(gen, "_reprefill", lambda *a: traced.append(a) or real(*a))
-    gen._decode.clear_cache()
-    past = _prompt(ORIGINAL_MAX + 4, seed=40)
-    [out] = model.generate(past, max_new_tokens=6)
-    assert not traced
-    assert out.token_ids == _hf_greedy(ref, past, new=6)
-    model.generate([past, _prompt(ORIGINAL_MAX - 2, seed=41)], max_new_tokens=6)
-    assert traced
+    outs = model.generate(prompts, max_new_tokens=NEW, logprobs=3, ignore_eos=True)
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert len(out.token_ids) == NEW
+        _check_logprobs_against_full_forward(model, prompt, out)
+    assert len(lengths) == 1 or len(prompts[0]) + NEW > ORIGINAL_MAX + 1
 
 
 def test_always_long_equals_long_factor_forward(longrope_model):
-    """The "always long" policy: every position uses the long factors, so the cached logits
-    equal a full forward forced to long factors, and no re-prefill happens."""
+    """The "always long" policy: every position uses the long factors, so each drawn token's
+    logprob equals a full forward forced to long factors, and no re-prefill happens."""
     model, _ = longrope_model
     module = model.module()
     prompt = _prompt(9, seed=11)
-    for step, generated, logits, _ in _stepwise_logits(model, [prompt], rope_policy="always_long"):
-        if step % 6:
-            continue
-        sequence = np.asarray([prompt + generated[0][:-1]], np.int32)
-        positions = np.arange(sequence.shape[1], dtype=np.int32)[None]
-        full, _ = module(sequence, positions, use_long=np.ones(1, bool))
-        np.testing.assert_allclose(logits[0], np.asarray(full)[0, -1], rtol=1e-5, atol=1e-5)
+    [out] = model.generate(prompt, max_new_tokens=NEW, rope_policy="always_long", logprobs=0,
+                           ignore_eos=True)
+    sequence = np.asarray([prompt + out.token_ids], np.int32)
+    positions = np.arange(sequence.shape[1], dtype=np.int32)[None]
+    full, _ = module(sequence, positions, use_long=np.ones(1, bool))
+    full = np.asarray(jax.nn.log_softmax(np.asarray(full)[0], axis=-1))
+    for j, lp in enumerate(out.logprobs):
+        np.testing.assert_allclose(lp.logprob, full[len(prompt) + j - 1, lp.token_id],
+                                   rtol=1e-5, atol=1e-5)
     [short] = model.generate(prompt, max_new_tokens=NEW)
     [long] = model.generate(prompt, max_new_tokens=NEW, rope_policy="always_long")
     assert short.token_ids != long.token_ids  # the trade-off: not transformers' output
@@ -230,12 +157,6 @@ def test_rows_stop_on_their_own_eos_and_stay_padded(longrope_model):
     ids1 = free[1].token_ids
     cut = ids1.index(eos) + 1 if eos in ids1 else len(ids1)
     assert stopped[1].token_ids == ids1[:cut]
-    # On the device, the finished row holds pad ids after its eos and never changes again.
-    request = gen._prepare(model, prompts, max_new_tokens=NEW, stop_token_ids=[eos])
-    state, decode, Tp, _ = gen._launch(model, request)
-    state = decode(state, NEW)
-    tail = np.asarray(state.tokens)[0, Tp + j + 1:Tp + NEW]
-    assert (tail == request.pad_id).all() and bool(np.asarray(state.done)[0])
 
 
 def test_max_new_tokens_and_context_limit(longrope_model):
@@ -259,7 +180,8 @@ def test_text_stop_strings_and_streaming(text_model):
     # Streaming yields deltas that join to the same text, spaces included.
     chunks = []
     [streamed] = model.generate("the quick brown fox", max_new_tokens=NEW, stream=chunks.append)
-    assert streamed == full
+    assert (streamed.token_ids, streamed.text, streamed.finish_reason) == \
+        (full.token_ids, full.text, full.finish_reason)
     assert "".join(c.text for c in chunks) == full.text
     assert any(c.text.startswith(" ") for c in chunks[1:])  # a space that starts a piece
     assert sum(len(c.token_ids) for c in chunks) == len(full.token_ids)
@@ -276,9 +198,9 @@ def test_text_stop_strings_and_streaming(text_model):
     assert stop in tok.decode(cut.token_ids, skip_special_tokens=True)
     assert stop not in tok.decode(cut.token_ids[:-1], skip_special_tokens=True)
     # Streaming with the stop string never shows text past it.
-    pieces = [c.text for c in gen.generate_stream(model, "the quick brown fox",
-                                                  max_new_tokens=NEW, stop=stop)]
-    assert "".join(pieces) == cut.text
+    pieces = []
+    model.generate("the quick brown fox", max_new_tokens=NEW, stop=stop, stream=pieces.append)
+    assert "".join(c.text for c in pieces) == cut.text
 
 
 # ---- sampling, compilation, errors ----------------------------------------------------------
@@ -287,12 +209,13 @@ def test_sampling_is_reproducible_and_reuses_the_compiled_loop(longrope_model):
     model, _ = longrope_model
     prompt = _prompt(6, seed=17)
     settings = dict(max_new_tokens=NEW, temperature=0.8, top_k=20, top_p=0.95)
-    a = model.generate(prompt, seed=3, **settings)
-    size = gen._decode._cache_size()
-    assert model.generate(prompt, seed=3, **settings) == a
-    assert model.generate(prompt, seed=4, **settings) != a
+    [a] = model.generate(prompt, seed=3, **settings)
+    size = programs.decode._cache_size()
+    [again] = model.generate(prompt, seed=3, **settings)
+    assert again.token_ids == a.token_ids
+    assert model.generate(prompt, seed=4, **settings)[0].token_ids != a.token_ids
     model.generate(prompt, seed=3, **{**settings, "temperature": 1.1, "top_k": 7})
-    assert gen._decode._cache_size() == size  # new numbers, same program
+    assert programs.decode._cache_size() == size  # new numbers, same program
 
 
 @pytest.fixture
@@ -307,22 +230,6 @@ def count_compiles():
     jax.monitoring.register_event_duration_secs_listener(listener)
     yield events
     jax.monitoring.unregister_event_duration_listener(listener)
-
-
-def test_compiles_once_per_bucket(tmp_path, count_compiles):
-    # A one-layer model: its programs cannot have been compiled by another test.
-    model = phi3_jax.load(make_hf_checkpoint(tmp_path / "ckpt", seed=18, num_hidden_layers=1))
-    prompts = [_prompt(n, seed=n) for n in (5, 17, 100)]  # buckets 16, 20 and 112
-    prefills, decodes = gen._prefill._cache_size(), gen._decode._cache_size()
-    for prompt in prompts:
-        model.generate(prompt, max_new_tokens=4)
-    assert gen._prefill._cache_size() - prefills == 3
-    assert gen._decode._cache_size() - decodes == 3
-    assert len(count_compiles) <= 6, "unexpected compilations besides prefill/decode"
-    count_compiles.clear()
-    for prompt in [*prompts, _prompt(9, seed=1), _prompt(105, seed=2)]:  # same buckets
-        model.generate(prompt, max_new_tokens=4, stop_token_ids=[5])
-    assert count_compiles == []
 
 
 def test_graphdef_is_hashed_once_and_loads_share_programs(tmp_path, count_compiles,
@@ -341,57 +248,20 @@ def test_graphdef_is_hashed_once_and_loads_share_programs(tmp_path, count_compil
     real_hash = nnx.graphlib.GraphDef.__hash__
     monkeypatch.setattr(nnx.graphlib.GraphDef, "__hash__",
                         lambda self: hashes.append(1) or real_hash(self))
-    model.generate(prompt, max_new_tokens=4, stream=lambda chunk: None)  # 1 + 4 dispatches
+    model.generate(prompt, max_new_tokens=4, stream=lambda chunk: None)  # 1 + 3 dispatches
     model.logits([prompt])
     assert hashes == []
     count_compiles.clear()
     again = phi3_jax.load(path)
     assert again.graph == model.graph and again.graph is not model.graph
     assert len(hashes) == 1  # its own, once
-    assert again.generate(prompt, max_new_tokens=4, stream=lambda chunk: None) == first
+    assert [c.token_ids for c in again.generate(prompt, max_new_tokens=4,
+                                                stream=lambda chunk: None)] == \
+        [c.token_ids for c in first]
     assert count_compiles == []
     # A different architecture is a different key.
     other = phi3_jax.load(make_hf_checkpoint(tmp_path / "other", seed=19, num_hidden_layers=2))
     assert other.graph != model.graph
-
-
-def test_warmup_builds_what_requests_then_use(tmp_path, count_compiles):
-    """warmup() builds each distinct bucket's prefill and decode once, in worker threads;
-    requests in those buckets with the same settings compile nothing afterwards, and give the
-    tokens an unwarmed model gives."""
-    # An architecture no other test compiles (its own intermediate size).
-    path = make_hf_checkpoint(tmp_path / "ckpt", seed=21, num_hidden_layers=1,
-                              intermediate_size=80)
-    model = phi3_jax.load(path)
-    prefills = gen._prefill._cache_size()
-    # (1, 5) and (1, 9) share bucket 16; (3, 17) is a batch of 4 at 20; (1, 100) is 112.
-    # generate()'s keyword arguments are accepted as they are: stop strings and streaming
-    # build no program of their own.
-    assert model.warmup([(1, 5), (1, 100), (3, 17), (1, 9)], max_new_tokens=4,
-                        stop_token_ids=[7], stream=print, threads=2) == 3
-    assert gen._prefill._cache_size() - prefills == 3
-    count_compiles.clear()
-    requests = [[_prompt(12, seed=1)], [_prompt(97, seed=2)],
-                [_prompt(n, seed=n) for n in (20, 11, 15)]]
-    outs = [model.generate(r, max_new_tokens=4, stop_token_ids=[7]) for r in requests]
-    assert count_compiles == []
-    fresh = phi3_jax.load(path)  # the same programs, run without warmup
-    assert outs == [fresh.generate(r, max_new_tokens=4, stop_token_ids=[7]) for r in requests]
-
-
-def test_warmup_rejects_bad_shapes(longrope_model):
-    model, _ = longrope_model
-    with pytest.raises(ValueError, match="at least one"):
-        model.warmup([])
-    for bad in [(0, 5), (1, -3), (1,), (1.5, 4), (True, 4), 7, "ab"]:
-        with pytest.raises(ValueError, match="rows, prompt length"):
-            model.warmup([bad])
-    with pytest.raises(ValueError, match="leaves no room"):
-        model.warmup([(1, 10**6)])
-    with pytest.raises(ValueError, match="threads"):
-        model.warmup([(1, 5)], threads=0)
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        model.warmup([(1, 5)], max_new_tokens=0)
 
 
 def test_bad_requests(longrope_model):
@@ -411,7 +281,7 @@ def test_bad_requests(longrope_model):
 
 
 def test_bucket_lengths_bound_waste_and_shapes():
-    from phi3_jax.api import bucket_length
+    from phi3_jax.compilation import bucket_length
 
     for per_octave, waste in ((1, 2.0), (4, 1.25)):
         buckets = {bucket_length(n, per_octave=per_octave) for n in range(1, 4097)}
@@ -420,11 +290,3 @@ def test_bucket_lengths_bound_waste_and_shapes():
         # Compiled shapes: `per_octave` per octave above the minimum, 8 octaves from 16 to 4096.
         assert len(buckets) == 1 + 8 * per_octave
     assert bucket_length(1088, per_octave=4) == 1280  # a 1k prompt + 64 new tokens
-
-
-def test_batch_shapes_fit_long_prompts():
-    # A 100k-token prompt (Phi-3-mini-128k): the prefill pads to 114,688 tokens, not 131,072, and
-    # the cache has 131,072 slots (51.5 GB at 384 KiB per token), not 163,840 (64 GB).
-    assert gen.batch_shapes(1, 100_000, 64) == (1, 114_688, 131_072)
-    assert gen.batch_shapes(3, 960, 64) == (4, 1024, 1280)
-    assert gen.batch_shapes(5, 17, 4) == (8, 20, 24)

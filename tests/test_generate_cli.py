@@ -13,7 +13,6 @@ from conftest import make_hf_checkpoint
 from tokenizer_fixtures import SP_VOCAB_SIZE, make_phi3_dir
 
 import phi3_jax
-from phi3_jax import generate as gen
 from phi3_jax.cli import main
 
 NEW = ["--max-new-tokens", "12"]
@@ -46,7 +45,8 @@ def test_generate_prompt_plain_chat_and_stream(capsys, model_dir, model):
     # Streaming prints the text piece by piece as the stream API yields it.
     code, streamed, _ = _run(capsys, "generate", "--model", str(model_dir), "--prompt",
                              "hello world", "--stream", *NEW)
-    pieces = gen.generate_stream(model, "hello world", max_new_tokens=12)
+    pieces = []
+    model.generate("hello world", max_new_tokens=12, stream=pieces.append)
     assert code == 0 and streamed == "".join(c.text for c in pieces) + "\n"
     # --chat / --system: the prompt goes through the chat template.
     code, chat, _ = _run(capsys, "generate", "--model", str(model_dir), "--prompt",
@@ -72,9 +72,9 @@ def test_generate_sampling_flags_and_stop(capsys, model_dir, model):
 
 def test_chat_keeps_history_and_resets(capsys, monkeypatch, model_dir):
     calls, replies, streamed = [], [], []
-    real = gen.generate
+    real = phi3_jax.api.Phi3.generate
 
-    def spy(model, prompts, stream, **kwargs):
+    def spy(model, prompts, settings, stream, **kwargs):
         calls.append([dict(m) for m in prompts[0]])
         deltas = []
 
@@ -82,11 +82,11 @@ def test_chat_keeps_history_and_resets(capsys, monkeypatch, model_dir):
             deltas.append(chunk.text)
             stream(chunk)
 
-        replies.extend(real(model, prompts, stream=tee, **kwargs))
+        replies.extend(real(model, prompts, settings, stream=tee, **kwargs))
         streamed.append("".join(deltas))
         return replies[-1:]
 
-    monkeypatch.setattr(gen, "generate", spy)
+    monkeypatch.setattr(phi3_jax.api.Phi3, "generate", spy)
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nhow are you\n/reset\nbye\n/exit\nno\n"))
     code, out, _ = _run(capsys, "chat", "--model", str(model_dir), "--system", "sys", *NEW)
     assert code == 0 and len(calls) == 3  # the line after /exit is never read
@@ -110,7 +110,7 @@ def test_batch_jsonl(capsys, tmp_path, model_dir, model):
     src.write_text("".join(json.dumps(r) + "\n" for r in records) + "\n")
     dst = tmp_path / "out.jsonl"
     code, _, err = _run(capsys, "generate", "--model", str(model_dir), "--input", str(src),
-                        "--output", str(dst), "--batch-size", "2", *NEW)
+                        "--output", str(dst), "--max-slots", "2", *NEW)
     assert code == 0 and "3/3" in err  # the progress bar
     lines = [json.loads(line) for line in dst.read_text().splitlines()]
     expected = model.generate(["hello world", records[1]["messages"], "a"], max_new_tokens=12)
@@ -120,7 +120,7 @@ def test_batch_jsonl(capsys, tmp_path, model_dir, model):
 
 @pytest.mark.parametrize("content, line, match", [
     ('{"prompt": "ok"}\n{"prompt": "ok"\n', 2, "not valid JSON"),
-    ('{"prompt": "ok"}\n\n[1, 2]\n', 3, "expected a JSON object, got list"),
+    ('{"prompt": "ok"}\n\n[1, 2]\n', 3, "expected a JSON object, got an array"),
     ('{"prompt": 5}\n', 1, "must be a string"),
     ('{"messages": [{"role": "user"}]}\n', 1, "content"),
 ])
@@ -143,8 +143,11 @@ def test_bad_input_exits_non_zero(capsys, tmp_path, model_dir):
     code, _, err = _run(capsys, "generate", "--model", str(model_dir), "--prompt", "hello " * 600)
     assert code == 2 and "max_position_embeddings" in err
     code, _, err = _run(capsys, "generate", "--model", str(model_dir), "--prompt", "x",
-                        "--top-k", "3")  # greedy by default: top-k would be ignored
-    assert code == 2 and "temperature" in err
+                        "--temperature", "nan")
+    assert code == 2 and "temperature must be a finite number" in err
+    code, _, err = _run(capsys, "generate", "--model", str(model_dir), "--prompt", "x",
+                        "--top-p", "1.5")
+    assert code == 2 and "top_p" in err
 
 
 def test_orbax_checkpoint(capsys, tmp_path, model_dir, model):

@@ -7,13 +7,19 @@ checked by hand against what a user would need to find the problem.
 import json
 import pathlib
 import re
+import shutil
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import cli_error
 
 import phi3_jax
+from phi3_jax.cli import main
 from phi3_jax.config import ConfigError, Phi3Config
 from phi3_jax.demo import save_random_checkpoint
+from phi3_jax.embedded import MODEL_DIR
+from phi3_jax.finite import NonFiniteError
 from phi3_jax.hf_weights import INDEX_FILE, CheckpointError, tensor_specs, write_hf_tensors
 from phi3_jax.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
 
@@ -223,18 +229,25 @@ def test_corrupt_header(checkpoint):
     data = bytearray(file.read_bytes())
     data[8:16] = b"\xff\xfe garbage"[:8]  # the JSON header's first bytes
     file.write_bytes(bytes(data))
-    with pytest.raises(SafetensorsError, match=re.escape(f"{file}: corrupt header (")):
+    with pytest.raises(SafetensorsError, match=re.escape(
+            f"{file}: header line 1, column 1: not valid UTF-8 (byte 0xff at offset 0)")):
         phi3_jax.load(checkpoint)
 
 
 def test_header_length_beyond_the_file(checkpoint):
     file = checkpoint / "model.safetensors"
     data = bytearray(file.read_bytes())
-    data[:8] = (10 ** 9).to_bytes(8, "little")
+    data[:8] = (10 ** 7).to_bytes(8, "little")
     file.write_bytes(bytes(data))
     with pytest.raises(SafetensorsError, match=re.escape(
-            f"{file}: corrupt or truncated header (claims 1000000000 bytes, file has "
+            f"{file}: corrupt or truncated header (claims 10000000 bytes, file has "
             f"{len(data)})")):
+        phi3_jax.load(checkpoint)
+    data[:8] = (10 ** 9).to_bytes(8, "little")  # past the format's 100 MB, whatever the file
+    file.write_bytes(bytes(data))
+    with pytest.raises(SafetensorsError, match=re.escape(
+            f"{file}: header of 1000000000 bytes is larger than the format's limit of "
+            f"100000000")):
         phi3_jax.load(checkpoint)
 
 
@@ -248,7 +261,7 @@ def test_tensor_byte_range_inconsistent_with_shape(checkpoint):
     assert len(blob) == n
     file.write_bytes(data[:8] + blob + data[8 + n:])
     with pytest.raises(SafetensorsError, match=re.escape(
-            f"{file}: tensor 'model.norm.weight' has 128 bytes for shape (33,) F32 "
+            f"{file}: header entry for tensor 'model.norm.weight': 128 bytes for shape [33] F32 "
             f"(132 expected)")):
         phi3_jax.load(checkpoint)
 
@@ -294,3 +307,212 @@ def test_prompt_longer_than_max_position_embeddings(model):
     with pytest.raises(ValueError, match=re.escape(
             "a row has 129 tokens, more than the model's max_position_embeddings (128)")):
         model.logits(np.ones((1, 129), np.int32))
+
+
+# ---- companion files (issue 15): each error names the file and the field ----
+
+@pytest.mark.parametrize("index,message", [
+    ({"weight_map": [["lm_head.weight", "model.safetensors"]]},
+     "'weight_map' must be an object mapping tensor names to shard files, got an array"),
+    ({"metadata": {}}, "'weight_map' must be an object mapping tensor names to shard files, got "
+                       "null"),
+    ([1], "expected a JSON object, got an array"),
+    ({"weight_map": {"lm_head.weight": 3}}, "weight_map entry 'lm_head.weight' must be a file "
+                                            "name, got a number"),
+])
+def test_malformed_index(checkpoint, capsys, index, message):
+    shard(checkpoint)
+    (checkpoint / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError) as e:
+        phi3_jax.load(checkpoint)
+    assert str(e.value) == f"{checkpoint / INDEX_FILE}: {message}"
+    assert message in cli_error(capsys, "convert", str(checkpoint), str(checkpoint.parent / "o"))
+
+
+def test_index_with_bad_bytes(checkpoint):
+    shard(checkpoint)
+    index = checkpoint / INDEX_FILE
+    index.write_bytes(index.read_bytes().replace(b"model.norm", b"model.n\xf6rm"))
+    with pytest.raises(CheckpointError, match=re.escape(f"{index} line ") + r"\d+, column \d+: "
+                                              r"not valid UTF-8 \(byte 0xf6 at offset \d+\)"):
+        phi3_jax.load(checkpoint)
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"do_sample": true, "temperature": "hot"}',
+     "field 'temperature' must be a number >= 0 or null, got 'hot'"),
+    ('{"do_sample": "yes"}', "field 'do_sample' must be true, false or null, got 'yes'"),
+    ('{"top_k": -1}', "field 'top_k' must be an integer >= 0 or null, got -1"),
+    ('{"top_p": 1.5}', "field 'top_p' must be a number in [0, 1] or null, got 1.5"),
+    ('{"max_new_tokens": 3e9}', "field 'max_new_tokens' must be a positive integer or null, got "
+                                "3000000000.0"),
+    ('{"repetition_penalty": NaN}', "field 'repetition_penalty' must be a number > 0 or null, "
+                                    "got nan"),
+    ('{"eos_token_id": "abc"}', "field 'eos_token_id' holds 'abc', which is not a token id (an "
+                                "integer in [0, vocab_size = 64))"),
+    ('{"eos_token_id": [2, 1099511627776]}', "field 'eos_token_id' holds 1099511627776, which "
+                                             "is not a token id (an integer in [0, vocab_size = "
+                                             "64))"),
+    ('{"pad_token_id": [0]}', "field 'pad_token_id' holds [0], which is not a token id (an "
+                              "integer in [0, vocab_size = 64))"),
+    ("[2]", "expected a JSON object, got an array"),
+    ('{"eos_token_id": 2,}', "not valid JSON (Expecting property name enclosed in double quotes "
+                             "at line 1 column 20)"),
+])
+def test_malformed_generation_config(checkpoint, capsys, content, message):
+    (checkpoint / "generation_config.json").write_text(content)
+    with pytest.raises(ConfigError) as e:
+        phi3_jax.load(checkpoint)
+    assert str(e.value) == f"{checkpoint / 'generation_config.json'}: {message}"
+    assert message in cli_error(capsys, "generate", "--model", str(checkpoint), "--prompt", "x")
+
+
+@pytest.fixture
+def with_tokenizer(tmp_path) -> pathlib.Path:
+    return pathlib.Path(shutil.copytree(MODEL_DIR, tmp_path / "model"))
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"added_tokens_decoder": {"320": {"special": True}}},
+     "added_tokens_decoder['320']: expected an object with a string \"content\""),
+    ({"added_tokens_decoder": {"x": {"content": "<|x|>"}}},
+     "added_tokens_decoder['x']: id 'x' is not a non-negative integer"),
+    ({"added_tokens_decoder": {"320": {"content": "<|x|>", "rstrip": "yes"}}},
+     "added_tokens_decoder['320']: 'rstrip' must be true or false, got 'yes'"),
+    ({"added_tokens_decoder": []}, "'added_tokens_decoder' must be an object, got an array"),
+    ({"bos_token": 5}, "field 'bos_token' must be a token string (or an object with its "
+                       "\"content\"), got 5"),
+    ({"legacy": "yes"}, "field 'legacy' must be true or false, got 'yes'"),
+    ({"chat_template": 7}, "'chat_template' must be a string, got a number"),
+    ({"chat_template": [{"name": "default"}]}, "'chat_template' must be a string or a list of"),
+])
+def test_malformed_tokenizer_config(with_tokenizer, capsys, change, message):
+    file = with_tokenizer / "tokenizer_config.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), **change}))
+    with pytest.raises(ValueError) as e:
+        phi3_jax.load(with_tokenizer)
+    assert str(e.value).startswith(f"{file}") and message in str(e.value), str(e.value)
+    assert message in cli_error(capsys, "generate", "--model", str(with_tokenizer), "--prompt",
+                                "1+1=")
+
+
+def test_tokenizer_config_not_json(with_tokenizer):
+    file = with_tokenizer / "tokenizer_config.json"
+    file.write_bytes(b"\xef\xbb\xbf{]")
+    with pytest.raises(ValueError, match=re.escape(f"{file}: not valid JSON (Expecting property "
+                                                   f"name enclosed in double quotes")):
+        phi3_jax.load(with_tokenizer)
+
+
+def test_added_tokens_json_with_a_bad_id(with_tokenizer):
+    (with_tokenizer / "added_tokens.json").write_text('{"<|x|>": "320"}')
+    with pytest.raises(ValueError, match=re.escape(
+            f"{with_tokenizer / 'added_tokens.json'} entry '<|x|>': id '320' is not a "
+            f"non-negative integer")):
+        phi3_jax.load(with_tokenizer)
+
+
+# ---- non-finite weights (issue 15) ----
+
+NORM = "model.norm.weight"
+
+
+def poison(path: pathlib.Path, name: str = NORM, value: float = np.nan, at: int = 5) -> None:
+    tensors = tensors_of(path)
+    tensors[name].reshape(-1)[at] = value
+    rewrite(path, tensors)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_nonfinite_weight_is_refused_by_name(tmp_path, dtype, value):
+    path = pathlib.Path(save_random_checkpoint(tmp_path / "ckpt", SMALL, seed=0))
+    tensors = {n: a.astype(np.dtype(jnp.dtype(dtype))) for n, a in tensors_of(path).items()}
+    tensors[DOWN1][7, 9] = value
+    rewrite(path, tensors)
+    with pytest.raises(NonFiniteError) as e:
+        phi3_jax.load(path)
+    assert str(e.value) == (f"{path / 'model.safetensors'}: tensor '{DOWN1}' holds NaN or "
+                            f"infinite values (first: {tensors[DOWN1][7, 9]} at index [7, 9]); "
+                            f"pass allow_nonfinite=True (--allow-nonfinite) to load anyway")
+    model = phi3_jax.load(path, allow_nonfinite=True)
+    down = np.asarray(model.params["model"]["layers"][1]["mlp"]["down_proj"]["weight"])
+    assert np.isnan(value) == np.isnan(down[9, 7]) and np.isinf(value) == np.isinf(down[9, 7])
+
+
+def test_a_finite_check_past_the_first_chunk(tmp_path, monkeypatch):
+    """The check walks a tensor in chunks: a NaN in a later chunk is found and placed exactly."""
+    from phi3_jax import finite
+
+    monkeypatch.setattr(finite, "CHUNK", 100)  # the [64, 32] embedding spans 21 chunks
+    path = pathlib.Path(save_random_checkpoint(tmp_path / "ckpt", SMALL, seed=0))
+    poison(path, "model.embed_tokens.weight", np.inf, at=64 * 32 - 1)
+    with pytest.raises(NonFiniteError, match=r"'model.embed_tokens.weight' holds NaN or infinite "
+                                             r"values \(first: inf at index \[63, 31\]\)"):
+        phi3_jax.load(path)
+
+
+def test_nonfinite_weights_through_convert_load_and_export(checkpoint, tmp_path, capsys):
+    poison(checkpoint)
+    orbax, hf = tmp_path / "orbax", tmp_path / "hf"
+    err = cli_error(capsys, "convert", str(checkpoint), str(orbax), "--quiet")
+    assert f"tensor '{NORM}' holds NaN or infinite values" in err and not orbax.exists()
+    assert main(["convert", str(checkpoint), str(orbax), "--quiet", "--allow-nonfinite"]) == 0
+    capsys.readouterr()
+    # Orbax restores onto devices and is checked there, one reduction per array.
+    with pytest.raises(NonFiniteError, match=re.escape(
+            f"{orbax}: parameter '{NORM}' holds NaN or infinite values; pass allow_nonfinite")):
+        phi3_jax.load(orbax)
+    assert np.isnan(np.asarray(phi3_jax.load(orbax, allow_nonfinite=True)
+                               .params["model"]["norm"]["weight"])[5])
+    err = cli_error(capsys, "export", str(orbax), str(hf), "--quiet")
+    assert f"{orbax / 'params'}: tensor '{NORM}' holds NaN or infinite values (first: nan at " \
+           f"index [5])" in err
+    assert not hf.exists()
+    assert main(["export", str(orbax), str(hf), "--quiet", "--allow-nonfinite"]) == 0
+    assert np.isnan(tensors_of(hf)[NORM][5])
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "finetune"])
+def test_allow_nonfinite_reaches_the_loader(checkpoint, tmp_path, capsys, monkeypatch, command):
+    """generate, chat and finetune refuse a poisoned model in one line; --allow-nonfinite is
+    passed to load (a stand-in loader reports what it got, so nothing compiles)."""
+    import phi3_jax.generate_cli
+    import phi3_jax.train.trainer
+
+    poison(checkpoint)
+    extra = {"generate": ["--prompt", "x"], "chat": [],
+             "finetune": ["--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o")]}
+    argv = [command, "--model", str(checkpoint), *extra[command]]
+    assert f"tensor '{NORM}' holds NaN" in cli_error(capsys, *argv)
+
+    def stand_in(*args, **kwargs):
+        raise ValueError(f"loader called with allow_nonfinite={kwargs.get('allow_nonfinite')}")
+
+    module = phi3_jax.train.trainer if command == "finetune" else phi3_jax.generate_cli
+    monkeypatch.setattr(module, "load", stand_in)
+    assert "allow_nonfinite=True" in cli_error(capsys, *argv, "--allow-nonfinite")
+
+
+def test_device_check_is_exact_when_a_finite_sum_overflows():
+    """The device check sums in float32; finite weights whose sum overflows are rechecked
+    element by element, not refused."""
+    from phi3_jax import finite
+
+    huge = jnp.full((1000,), 3e38, jnp.float32)
+    finite.check_on_device([huge, -huge], ["a", "b"], "ckpt")
+    with pytest.raises(NonFiniteError, match=r"^ckpt: parameters 'b', 'c' hold NaN or infinite"):
+        finite.check_on_device([huge, huge.at[9].set(jnp.nan), huge.at[0].set(-jnp.inf)],
+                               ["a", "b", "c"], "ckpt")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_weight_that_overflows_the_load_dtype_is_refused(checkpoint):
+    """The check sees what was loaded: a finite float32 weight past float16's range (65504)
+    would be infinite in a float16 model."""
+    poison(checkpoint, value=1e6)
+    phi3_jax.load(checkpoint)  # finite in float32
+    with pytest.raises(NonFiniteError, match=re.escape(
+            f"{checkpoint}: tensor '{NORM}' is finite in the checkpoint but overflows float16; "
+            f"load it in a wider dtype")):
+        phi3_jax.load(checkpoint, dtype="float16")

@@ -23,7 +23,7 @@ from conftest import FAMILY, TINY, longrope, make_hf_checkpoint
 from flax import nnx
 
 import phi3_jax
-from phi3_jax.api import fill_state
+from phi3_jax.params import fill_state
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -336,3 +336,27 @@ def test_head_loss_sum_keeps_no_full_logits():
     chunk_bytes = 128 * V * 4  # 16 MiB
     assert full >= 2 * logits_bytes, full  # logits, their softmax and gradient
     assert chunked <= 3 * chunk_bytes, (chunked, full)  # a chunk's worth (measured: 2.1)
+
+
+def poisoned_optimizer_state() -> optax.GradientTransformation:
+    """Leaves the updates alone but puts a NaN into its own state."""
+    return optax.GradientTransformation(lambda params: jnp.zeros((), jnp.float32),
+                                        lambda updates, state, params=None:
+                                        (updates, jnp.array(jnp.nan, jnp.float32)))
+
+
+def test_step_that_would_save_a_non_finite_optimizer_state_changes_nothing():
+    # Loss, gradient and new parameters are finite; the optimizer state the step would keep is
+    # not. The guard used to look at the loss and the gradient norm only. (An update that makes
+    # the parameters non-finite: test_train_cli, end to end.)
+    batch = make_batch(1, 2, 16, seed=0)
+    spec, _, _ = build_model_spec(CONFIG, jnp.float32)
+    optimizer = optax.chain(make_optimizer(OPTIM), poisoned_optimizer_state())
+    state = init_train_state(optimizer, base_params(), 0)
+    before = jax.device_get(state)
+    state, metrics = make_train_step(spec, optimizer)(state, None, batch)
+    assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])
+    assert not metrics["finite"] and not metrics["update_finite"]
+    for x, y in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(before),
+                    strict=True):
+        np.testing.assert_array_equal(x, y)  # nothing applied, step not advanced

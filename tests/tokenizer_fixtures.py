@@ -1,17 +1,22 @@
 """Tiny tokenizer folders built on the fly, shaped like the Phi-3 and Phi-4 checkpoints' ones.
 
 The SentencePiece model mirrors Llama-2's settings (BPE, byte fallback, identity normalisation, no
-whitespace collapsing, <unk>/<s>/</s> at 0/1/2) so that the code paths match the real 32000-piece
-model; only the vocabulary is small. Special tokens follow right after the learned pieces, in the
-Phi-3 order, because their real ids (32000+) would not be contiguous with a tiny vocabulary.
+whitespace collapsing, <unk>/<s>/</s> at 0/1/2, whitespace-only pieces merged last) so that the code
+paths match the real 32000-piece model; only the vocabulary is small. Special tokens follow right
+after the learned pieces, in the Phi-3 order, because their real ids (32000+) would not be
+contiguous with a tiny vocabulary.
+
+`write_hub_tokenizer_json` converts such a folder into the tokenizer.json that the Hub's Phi-3
+folders ship, as transformers' original LlamaConverter wrote it.
 """
 
 import io
 import json
 from pathlib import Path
 
-import pytest
 import sentencepiece as spm
+import tokenizers
+from sentencepiece import sentencepiece_model_pb2
 
 SP_VOCAB_SIZE = 512
 
@@ -60,14 +65,19 @@ _TEXT = (
 
 
 def corpus() -> list[str]:
-    """A deterministic English-ish corpus: punctuation, digits, indentation, a few accents."""
+    """A deterministic English-ish corpus: punctuation, digits, indentation, runs of spaces, a few
+    accents, and "Hello" often enough to be one piece (as in the issue's Llama examples)."""
     vocabulary = _TEXT.split()
     lines = []
     for i in range(400):
         words = [vocabulary[(i * 7 + j * 13) % len(vocabulary)] for j in range(5 + i % 9)]
         line = " ".join(words).capitalize() + ("." if i % 3 else "?")
+        if i % 4 == 0:
+            line = f"Hello {line}"
         if i % 5 == 0:
             line = f"    {line} {i * 37}"
+        if i % 7 == 0:
+            line = line.replace(" ", "  ", 2)
         if i % 11 == 0:
             line += " café naïve résumé"
         lines.append(line)
@@ -96,7 +106,17 @@ def train_sentencepiece(path: Path, vocab_size: int = SP_VOCAB_SIZE) -> None:
         num_threads=1,
         minloglevel=2,
     )
-    path.write_bytes(model.getvalue())
+    # Llama-2's whitespace-only pieces ("▁▁" is 259, "▁▁▁▁" 268) score below every other piece, so
+    # SentencePiece merges them last: " Hello" is "▁▁Hello" -> ["▁", "▁Hello"] = [29871, 15043] in
+    # the checkpoint's own test vectors, where a trained "▁▁" would take the first two marks. Do
+    # the same here, keeping their order.
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model.getvalue())
+    lowest = min(p.score for p in proto.pieces)
+    spaces = [p for p in proto.pieces if len(p.piece) > 1 and set(p.piece) == {"\u2581"}]
+    for rank, piece in enumerate(spaces, 1):
+        piece.score = lowest - rank
+    path.write_bytes(proto.SerializeToString())
 
 
 def _token_entry(
@@ -115,12 +135,13 @@ def _token_entry(
 def make_phi3_dir(
     path: Path,
     *,
-    legacy: bool = False,
     add_bos_token: bool = False,
     chat_template: str | None = PHI3_CHAT_TEMPLATE,
     lstrip_tokens: tuple[str, ...] = (),
+    tokenizer_json: bool = False,
 ) -> Path:
-    """Writes tokenizer.model + tokenizer_config.json like Phi-3-mini-4k-instruct's into `path`.
+    """Writes tokenizer.model + tokenizer_config.json like Phi-3-mini-4k-instruct's into `path`,
+    and with `tokenizer_json` the Hub's tokenizer.json too.
 
     `lstrip_tokens` also get lstrip=true, which no Phi-3 token has, to exercise that flag."""
     path.mkdir(parents=True, exist_ok=True)
@@ -141,7 +162,7 @@ def make_phi3_dir(
         "bos_token": "<s>",
         "clean_up_tokenization_spaces": False,
         "eos_token": "<|endoftext|>",
-        "legacy": legacy,
+        "legacy": False,
         "model_max_length": 4096,
         "pad_token": "<|endoftext|>",
         "padding_side": "left",
@@ -153,7 +174,76 @@ def make_phi3_dir(
     if chat_template is not None:
         config["chat_template"] = chat_template
     (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    if tokenizer_json:
+        write_hub_tokenizer_json(path)
     return path
+
+
+def llama_merges(proto: sentencepiece_model_pb2.ModelProto) -> list[tuple[str, str]]:
+    """BPE merges as transformers' SentencePieceExtractor.extract(vocab_scores) made them for the
+    original LlamaConverter (v4.3x-4.4x): every split of a piece into two pieces, ranked by the
+    merged piece's score, best first (<unk>, <s>, </s> count as 0.0); a piece's own splits by the
+    ids of their left, then right, halves. transformers v5 ranks merges by id instead."""
+    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+    scores = {p.piece: 0.0 if i < 3 else p.score for i, p in enumerate(proto.pieces)}
+    merges = []
+    for piece, score in scores.items():
+        splits = [
+            (piece[:k], piece[k:], score)
+            for k in range(1, len(piece))
+            if piece[:k] in vocab and piece[k:] in vocab
+        ]
+        merges += sorted(splits, key=lambda m: (vocab[m[0]], vocab[m[1]]))
+    merges.sort(key=lambda m: m[2], reverse=True)  # stable: ties keep the order above
+    return [(left, right) for left, right, _ in merges]
+
+
+def write_hub_tokenizer_json(path: Path) -> Path:
+    """Writes `path`/tokenizer.json from its tokenizer.model and tokenizer_config.json as the Hub's
+    Phi-3 (and Llama-2) tokenizer.json is: Prepend("▁") + Replace(" ", "▁") normalizer, no
+    pre-tokenizer, BPE with byte fallback and score-ranked merges, the decoder Replace("▁", " "),
+    ByteFallback, Fuse, Strip(1 leading space), and the added tokens with their flags."""
+    from tokenizers import AddedToken, decoders, models, normalizers, processors
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((path / "tokenizer.model").read_bytes())
+    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+    bpe = models.BPE(
+        vocab, llama_merges(proto), unk_token="<unk>", fuse_unk=True, byte_fallback=True
+    )
+    tok = tokenizers.Tokenizer(bpe)
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
+    )
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace("\u2581", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    # Llama's template, which transformers rebuilds from add_bos_token anyway.
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    for i, entry in sorted(config["added_tokens_decoder"].items(), key=lambda e: int(e[0])):
+        token = AddedToken(
+            entry["content"],
+            single_word=entry["single_word"],
+            lstrip=entry["lstrip"],
+            rstrip=entry["rstrip"],
+            normalized=entry["normalized"],
+            special=entry["special"],
+        )
+        if entry["special"]:
+            tok.add_special_tokens([token])
+        else:
+            tok.add_tokens([token])
+        assert tok.token_to_id(entry["content"]) == int(i), entry
+    tok.save(str(path / "tokenizer.json"))
+    return path / "tokenizer.json"
 
 
 def make_bpe_dir(
@@ -163,7 +253,6 @@ def make_bpe_dir(
     chat_template: str | None = None,
 ) -> Path:
     """Writes a byte-level BPE tokenizer.json (+ tokenizer_config.json) like Phi-4's into `path`."""
-    tokenizers = pytest.importorskip("tokenizers")
     decoders, pre_tokenizers = tokenizers.decoders, tokenizers.pre_tokenizers
 
     path.mkdir(parents=True, exist_ok=True)

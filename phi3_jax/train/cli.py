@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from phi3_jax import sharding
+from phi3_jax import interrupts, sharding
 from phi3_jax.train.data import OVERFLOW_POLICIES
 from phi3_jax.train.lora import TARGETS
 
@@ -20,13 +20,14 @@ def run(args: argparse.Namespace) -> int:
     config = FinetuneConfig(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         seq_len=args.seq_len, learning_rate=args.lr, warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay, clip_norm=args.clip_norm or None,
+        weight_decay=args.weight_decay, clip_norm=args.clip_norm,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=targets,
         remat=args.remat, dtype=args.dtype, save_dtype=args.save_dtype,
         save_every=args.save_every, seed=args.seed, mesh=sharding.mesh_from_args(args),
-        overflow=args.overflow)
+        overflow=args.overflow, allow_nonfinite=args.allow_nonfinite)
     try:
-        result = finetune(args.model, args.data, args.out, config)
+        with interrupts.command():
+            result = finetune(args.model, args.data, args.out, config)
     except (TrainingDiverged, ResumeError) as e:
         print(f"phi3-jax finetune: {e}", file=sys.stderr)
         return 1
@@ -77,5 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-every", type=int, default=0, metavar="N",
                    help="checkpoint every N steps (default: only at the end)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="load a base model whose weights hold NaN or infinity (refused by default)")
     sharding.add_mesh_argument(p)
     p.set_defaults(func=run)

@@ -30,6 +30,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from phi3_jax import sharding
+from phi3_jax.attention import Kernels
 from phi3_jax.config import Phi3Config
 from phi3_jax.model import Phi3ForCausalLM
 from phi3_jax.train.lora import LoRAConfig, LoRAParam, add_lora
@@ -63,12 +64,14 @@ class ModelSpec:
 
 def build_model_spec(config: Phi3Config, compute_dtype: jnp.dtype, *, remat: bool = False,
                      lora: LoRAConfig | None = None, seed: int = 0,
+                     kernels: Kernels | None = None,
                      ) -> tuple[ModelSpec, nnx.State, nnx.State | None]:
     """(spec, abstract trainable state, abstract frozen state or None); allocates nothing.
 
-    The abstract states are nnx.State of Variables (with their logical_axes metadata)."""
+    The abstract states are nnx.State of Variables (with their logical_axes metadata).
+    `kernels`: the attention computations (default: choose_kernels("auto", compute_dtype))."""
     graphdef, trainable, frozen = _split(nnx.eval_shape(_builder(config, compute_dtype, remat,
-                                                                 lora, seed)), lora)
+                                                                 lora, seed, kernels)), lora)
     return ModelSpec(graphdef, jnp.dtype(compute_dtype), lora), trainable, frozen
 
 
@@ -77,15 +80,16 @@ def init_lora_params(config: Phi3Config, lora: LoRAConfig, seed: int,
     """Freshly initialised LoRA factors (fp32; B = 0), placed with `shardings` if given.
 
     The adapters are built on an abstract base model: only the small factors are allocated."""
-    model = nnx.eval_shape(_builder(config, jnp.float32, False, None, seed))
+    model = nnx.eval_shape(_builder(config, jnp.float32, False, None, seed, None))
     _, trainable, _ = _split(add_lora(model, lora, seed), lora)
     params = trainable.to_pure_dict()
     return jax.device_put(params, shardings) if shardings is not None else params
 
 
-def _builder(config, dtype, remat, lora, seed) -> Callable[[], Phi3ForCausalLM]:
+def _builder(config, dtype, remat, lora, seed, kernels) -> Callable[[], Phi3ForCausalLM]:
     def make():
-        model = Phi3ForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(seed), remat=remat)
+        model = Phi3ForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(seed), remat=remat,
+                                kernels=kernels)
         return add_lora(model, lora, seed) if lora is not None else model
     return make
 
@@ -179,6 +183,14 @@ def make_loss_fn(spec: ModelSpec) -> Callable:
     return loss_fn
 
 
+def all_finite(tree: Any) -> jax.Array:
+    """[] bool: no NaN or inf in any floating-point leaf. One reduction per leaf, inside the
+    caller's jit, where XLA fuses it with the computation of the leaf: no extra host pass."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
 def make_train_step(spec: ModelSpec, optimizer: optax.GradientTransformation,
                     lr_schedule: optax.Schedule | None = None,
                     shardings: TrainState | None = None) -> Callable:
@@ -188,8 +200,11 @@ def make_train_step(spec: ModelSpec, optimizer: optax.GradientTransformation,
     Rows are right-padded: positions 0..n-1 at a row's first n slots, then -1, as
     phi3_jax.train.data makes them; the causal attention kernels rely on that layout.
     metrics: loss (mean over the step's target tokens), tokens, grad_norm (before clipping),
-    learning_rate, finite. A step whose loss or gradient is not finite changes nothing: the
-    state comes back as it went in, and the caller decides to stop.
+    learning_rate, finite, update_finite. A step that is not finite changes nothing: the state
+    comes back as it went in, and the caller decides to stop. Finite means the loss and the
+    gradient norm, and also every value the step would save, the new parameters and optimizer
+    state: a finite gradient times an infinite learning rate is not (update_finite tells the
+    two cases apart).
     """
     grad_fn = jax.value_and_grad(make_loss_fn(spec), has_aux=True)
 
@@ -216,9 +231,11 @@ def make_train_step(spec: ModelSpec, optimizer: optax.GradientTransformation,
                          opt_state=opt_state,
                          rng=jax.random.key_data(jax.random.split(
                              jax.random.wrap_key_data(state.rng))[0]))
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        update_finite = all_finite((new.params, new.opt_state))
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & update_finite
         new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
         metrics = {"loss": loss, "tokens": count, "grad_norm": grad_norm, "finite": finite,
+                   "update_finite": update_finite,
                    "learning_rate": (lr_schedule(state.step) if lr_schedule is not None
                                      else jnp.zeros((), jnp.float32))}
         return new, metrics

@@ -2,9 +2,14 @@
 
 `finetune(model_dir, data, out_dir, FinetuneConfig(...))` is what `phi3-jax finetune` runs. It
 resumes from the latest checkpoint in OUT/checkpoints when there is one (same settings required),
-and at the end writes OUT as a Hugging Face folder (LoRA merged). A step with a non-finite loss or
-gradient leaves the state untouched (see step.py); the loop then stops with TrainingDiverged and
-the last checkpoint on disk is the last good one.
+and at the end writes OUT as a Hugging Face folder (LoRA merged). A step with a non-finite loss,
+gradient, or new parameters or optimizer state leaves the state untouched (see step.py); the loop
+then stops with TrainingDiverged and the last checkpoint on disk is the last good one (checked on
+resume: see checkpoint.py).
+
+OUT may not be, contain or lie inside --model. Settings are validated before anything is loaded.
+SIGTERM stops the run like Ctrl-C; neither cuts a checkpoint or the final export short (a save in
+flight completes first).
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
+import numbers
 import os
 import time
 from collections.abc import Callable
@@ -22,21 +29,26 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from phi3_jax import sharding
-from phi3_jax.api import load, resolve_dtype
+from phi3_jax import interrupts, sharding
+from phi3_jax.api import load
+from phi3_jax.atomic import check_no_overlap
 from phi3_jax.hf_weights import write_hf_folder
+from phi3_jax.params import resolve_dtype
 from phi3_jax.train import step as step_lib
 from phi3_jax.train.checkpoint import Checkpointer, abstract_like
-from phi3_jax.train.data import Batches, Dataset, load_dataset
+from phi3_jax.train.data import OVERFLOW_POLICIES, Batches, Dataset, load_dataset
 from phi3_jax.train.export import final_params
 from phi3_jax.train.lora import TARGETS, LoRAConfig
 from phi3_jax.train.optim import OptimConfig, make_optimizer, schedule
 
 log = logging.getLogger(__name__)
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 class TrainingDiverged(RuntimeError):
-    """The loss or gradient became NaN or infinite."""
+    """The loss, gradient, or the updated parameters or optimizer state became NaN or
+    infinite."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +61,7 @@ class FinetuneConfig:
     warmup_steps: int | None = None  # default: 5% of the steps
     final_lr_fraction: float = 0.1
     weight_decay: float = 0.0
-    clip_norm: float | None = 1.0
+    clip_norm: float | None = 1.0  # None or 0: no clipping
     lora_rank: int = 0  # 0: full fine-tuning
     lora_alpha: float | None = None  # default: 2 * rank
     lora_targets: tuple[str, ...] = TARGETS
@@ -60,6 +72,34 @@ class FinetuneConfig:
     seed: int = 0
     mesh: str | None = None
     overflow: str = "truncate"
+    allow_nonfinite: bool = False  # load a base model holding NaN or infinity (issue 15)
+
+    def __post_init__(self) -> None:
+        """Refuses values that cannot be meant, naming the command-line flag: a negative LoRA
+        rank would silently mean full fine-tuning, an infinite learning rate a NaN model."""
+        for name, low in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("seq_len", 1),
+                          ("lora_rank", 0), ("save_every", 0)):
+            _integer(name, getattr(self, name), low)
+        if self.warmup_steps is not None:
+            _integer("warmup_steps", self.warmup_steps, 0)
+            if self.warmup_steps > self.steps:
+                raise ValueError(f"--warmup-steps ({self.warmup_steps}) must not exceed --steps "
+                                 f"({self.steps})")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"--batch-size ({self.batch_size}) must be a multiple of "
+                             f"--grad-accum ({self.grad_accum})")
+        _number("learning_rate", self.learning_rate, positive=True)
+        _number("weight_decay", self.weight_decay, positive=False)
+        if self.clip_norm is not None:
+            _number("clip_norm", self.clip_norm, positive=False)
+        if self.lora_alpha is not None:
+            _number("lora_alpha", self.lora_alpha, positive=True)
+        _number("final_lr_fraction", self.final_lr_fraction, positive=False)
+        if self.final_lr_fraction > 1:
+            raise ValueError(f"final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}")
+        if self.overflow not in OVERFLOW_POLICIES:
+            raise ValueError(f"--overflow must be one of {', '.join(OVERFLOW_POLICIES)}, got "
+                             f"{self.overflow!r}")
 
     @property
     def lora(self) -> LoRAConfig | None:
@@ -73,7 +113,7 @@ class FinetuneConfig:
         warmup = self.warmup_steps if self.warmup_steps is not None else self.steps // 20
         return OptimConfig(learning_rate=self.learning_rate, total_steps=self.steps,
                            warmup_steps=warmup, final_lr_fraction=self.final_lr_fraction,
-                           weight_decay=self.weight_decay, clip_norm=self.clip_norm)
+                           weight_decay=self.weight_decay, clip_norm=self.clip_norm or None)
 
     def fingerprint(self, model_dir: str, data: str, dataset: Dataset) -> dict[str, Any]:
         """The settings a resumed run must share (not the mesh: restoring reshards)."""
@@ -87,6 +127,25 @@ class FinetuneConfig:
             "remat": self.remat, "dtype": self.dtype, "seed": self.seed,
             "overflow": self.overflow,
         }
+
+
+def _flag(name: str) -> str:
+    return "--lr" if name == "learning_rate" else "--" + name.replace("_", "-")
+
+
+def _integer(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{_flag(name)} must be an integer >= {low}, got {value!r}")
+
+
+def _number(name: str, value: Any, positive: bool) -> None:
+    # Finite in float32, where the optimizer computes: 1e39 is infinite there.
+    ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
+          and math.isfinite(value) and abs(value) <= FLOAT32_MAX
+          and (value > 0 if positive else value >= 0))
+    if not ok:
+        raise ValueError(f"{_flag(name)} must be a finite number {'>' if positive else '>='} 0"
+                         f", got {value!r}")
 
 
 @dataclasses.dataclass
@@ -108,8 +167,13 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out_dir: str
     `callback(step, metrics)` runs after every step (and its checkpoint, if any).
     """
     model_dir, data, out_dir = os.fspath(model_dir), os.fspath(data), os.fspath(out_dir)
-    if config.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {config.steps}")
+    check_no_overlap(out_dir, model_dir, "--out", "--model")
+    with interrupts.handled():  # SIGTERM stops the run as Ctrl-C does
+        return _finetune(model_dir, data, out_dir, config, progress, callback)
+
+
+def _finetune(model_dir: str, data: str, out_dir: str, config: FinetuneConfig, progress: bool,
+              callback: Callable[[int, dict], None] | None) -> FinetuneResult:
     compute = resolve_dtype(config.dtype)
     save_dtype = config.save_dtype or config.dtype
     lora = config.lora
@@ -119,7 +183,8 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out_dir: str
                          f"be divisible by the mesh's data axis ({mesh.shape['data']})")
 
     # Full fine-tuning loads fp32 masters; LoRA keeps its frozen base in the compute dtype.
-    base = load(model_dir, dtype=jnp.float32 if lora is None else compute, mesh=mesh)
+    base = load(model_dir, dtype=jnp.float32 if lora is None else compute, mesh=mesh,
+                allow_nonfinite=config.allow_nonfinite)
     model_config = base.config
     if config.seq_len > model_config.max_position_embeddings:
         raise ValueError(f"--seq-len {config.seq_len} exceeds the model's "
@@ -157,7 +222,7 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out_dir: str
                                     trainable), param_shardings, mesh)
 
     fingerprint = config.fingerprint(model_dir, data, dataset)
-    checkpointer = Checkpointer(out_dir)
+    checkpointer = Checkpointer(out_dir, writer=True)
     try:
         state = step_lib.init_train_state(optimizer, trainable, config.seed, state_shardings,
                                              donate=True)
@@ -200,10 +265,14 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out_dir: str
                 last = checkpointer.latest_step()
                 kept = (f"the last good checkpoint is step {last} in {checkpointer.directory}"
                         if last is not None else "no checkpoint was written before it")
-                raise TrainingDiverged(
-                    f"step {step_number}: loss {metrics['loss']} / gradient norm "
-                    f"{metrics['grad_norm']} is not finite; stopped without applying it ({kept}; "
-                    f"try a lower --lr)")
+                if np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"]):
+                    what = (f"the update (learning rate {float(metrics['learning_rate']):.3g}) "
+                            f"makes the parameters or optimizer state non-finite")
+                else:
+                    what = (f"loss {metrics['loss']} / gradient norm {metrics['grad_norm']} is "
+                            f"not finite")
+                raise TrainingDiverged(f"step {step_number}: {what}; stopped without applying "
+                                       f"it ({kept}; try a lower --lr)")
             loss = float(metrics["loss"])
             losses[step_number] = loss
             elapsed = time.perf_counter() - t_first
@@ -213,24 +282,27 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out_dir: str
             bar.update(1)
             if ((config.save_every and step_number % config.save_every == 0)
                     or step_number == config.steps):
-                checkpointer.save(state, batches.position, fingerprint)
+                with interrupts.deferred():  # a signal waits until the save is under way
+                    checkpointer.save(state, batches.position, fingerprint)
             if callback is not None:
                 callback(step_number, {k: np.asarray(v) for k, v in metrics.items()})
         bar.close()
         checkpointer.wait()
     finally:
-        checkpointer.close()
+        with interrupts.deferred():  # the save in flight completes; a signal now waits for it
+            checkpointer.close()
 
     host = functools.partial(jax.tree.map, sharding.to_host)  # gathers across processes
     params = final_params(host(state.params), None if frozen is None else host(frozen), lora)
     if jax.process_index() == 0:
-        write_hf_folder(out_dir, model_config, params, save_dtype, source_dir=model_dir,
-                        generation_config=_generation_config(model_dir))
+        with interrupts.deferred():
+            write_hf_folder(out_dir, model_config, params, save_dtype, source_dir=model_dir,
+                            generation_config=_generation_config(model_dir))
     rate = tokens_seen / (time.perf_counter() - t_first) if tokens_seen else 0.0
     return FinetuneResult(out_dir, losses, start, config.steps, rate, state, frozen)
 
 
 def _generation_config(model_dir: str) -> dict | None:
-    from phi3_jax.api import read_generation_config
+    from phi3_jax.config import read_generation_config
 
     return read_generation_config(model_dir) or None
