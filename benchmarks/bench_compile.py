@@ -6,9 +6,11 @@ max_new_tokens NEW) runs through the public `generate()` three times:
      generate(compilation_cache=DIR));
   2. again in the same process: what a warmed-up server pays (must compile nothing);
   3. warm start: a second fresh process on the same cache DIR;
-  4. and 5. cold and warm start again (a new cache DIR), with `model.warmup(...)` building
-     every program of the workload first, in worker threads, before the same requests run
-     (what a server does at startup; the warmup's own time is reported, and is in the wall).
+  4. and 5. cold and warm start again (a new cache DIR), the way a server runs: one Engine
+     sized for the workload (its rows, and a cache long enough for its longest prompt), whose
+     `warmup()` builds every program it can run, in worker threads, before the same requests
+     go through it (the warmup's own time is reported, and is in the wall; the requests after
+     it must build nothing).
 Each pass reports its wall time, the XLA programs it built (jax.monitoring's backend_compile
 events, with their summed duration), how many of those came from the persistent cache, and the
 time spent tracing to jaxprs and lowering to StableHLO: a warm start pays both for every program,
@@ -43,17 +45,20 @@ sys.path.insert(0, ROOT)
 NEW = 32
 # (rows, prompt length): prefill buckets 128, 512, 1024, 2048 and a batch of 8.
 WORKLOAD = [(1, 100), (1, 500), (1, 1000), (1, 2000), (8, 1000)]
-TINY_WORKLOAD = [(1, 10), (1, 40), (2, 30)]
+TINY_WORKLOAD = [(1, 10), (2, 30)]
+TINY_NEW = 16  # a CPU smoke run: fewer cache buckets, fewer programs
 
 
-def run_passes(raw: dict, workload: list, cache_dir: str, passes: int,
+def run_passes(raw: dict, workload: list, new: int, cache_dir: str, passes: int,
                warmup: bool = False) -> list[dict]:
     import jax
     import numpy as np
 
     from benchmarks.bench_gpu import random_model
     from phi3_jax.api import Phi3
+    from phi3_jax.compilation import bucket_length
     from phi3_jax.config import Phi3Config
+    from phi3_jax.engine import Engine
 
     config = Phi3Config.from_hf(dict(raw, model_type="phi3"))
     graphdef, params = random_model(config)
@@ -61,6 +66,7 @@ def run_passes(raw: dict, workload: list, cache_dir: str, passes: int,
     rs = np.random.RandomState(0)
     prompts = [[rs.randint(3, raw["vocab_size"] - 1, n).tolist() for _ in range(rows)]
                for rows, n in workload]
+    settings = dict(max_new_tokens=new, temperature=0.0, ignore_eos=True)
     compiles: list[float] = []
     hits: list[str] = []
     # Top-level traces only (jax logs nested ones with no event), so the sums do not overlap.
@@ -86,17 +92,25 @@ def run_passes(raw: dict, workload: list, cache_dir: str, passes: int,
         for durations in stages.values():
             durations.clear()
         t = time.perf_counter()
-        warmup_s = None
+        warmup_s = request_programs = None
         if warmup:
-            model.warmup([(rows, n) for rows, n in workload], max_new_tokens=NEW,
-                         temperature=0.0, stop_token_ids=[], compilation_cache=cache_dir)
+            engine = Engine(model, max_slots=max(rows for rows, _ in workload),
+                            max_len=bucket_length(max(n for _, n in workload) + new),
+                            compilation_cache=cache_dir)
+            engine.warmup(prompt_logprobs=False)  # the workload asks for none
             warmup_s = time.perf_counter() - t
-        for batch in prompts:
-            model.generate(batch, max_new_tokens=NEW, temperature=0.0, stop_token_ids=[],
-                           compilation_cache=cache_dir)
+            built = len(compiles)
+            for batch in prompts:
+                for prompt in batch:
+                    engine.submit(prompt, **settings)
+                engine.run_until_done()
+            request_programs = len(compiles) - built
+        else:
+            for batch in prompts:
+                model.generate(batch, compilation_cache=cache_dir, **settings)
         # A program loaded from the persistent cache also reports a (short) backend compile.
         out.append(dict(wall_s=time.perf_counter() - t, warmup_s=warmup_s,
-                        programs=len(compiles),
+                        programs=len(compiles), request_programs=request_programs,
                         from_cache=len(hits), compile_s=sum(compiles),
                         trace_s=sum(stages["/jax/core/compile/jaxpr_trace_duration"]),
                         lower_s=sum(stages["/jax/core/compile/jaxpr_to_mlir_module_duration"])))
@@ -105,42 +119,50 @@ def run_passes(raw: dict, workload: list, cache_dir: str, passes: int,
     return out
 
 
-def trace_only(raw: dict, workload: list, repeats: int) -> list[dict]:
+def trace_only(raw: dict, workload: list, new: int, repeats: int) -> list[dict]:
+    """Traces and lowers the programs `model.generate` runs for each workload item: its first
+    prompt chunk, and its decode call at the read length the prompt's whole budget needs."""
     import jax
     import jax.numpy as jnp
 
-    from benchmarks.bench_gpu import abstract_prefill
+    from benchmarks import engine_calls as calls
     from phi3_jax import generate as gen
-    from phi3_jax.compilation import StaticGraph
+    from phi3_jax.api import Phi3
+    from phi3_jax.compilation import bucket_length
     from phi3_jax.config import Phi3Config
+    from phi3_jax.engine import programs
+    from phi3_jax.engine.scheduler import Shapes
+    from phi3_jax.engine.settings import MAX_LOGPROBS
     from phi3_jax.model import abstract_model
 
     config = Phi3Config.from_hf(dict(raw, model_type="phi3"))
     graphdef, params = abstract_model(config, jnp.bfloat16)
-    graph = StaticGraph(graphdef)
-    i32 = jax.ShapeDtypeStruct((), jnp.int32)
+    model = Phi3(config, graphdef, params, generation_config={})
     rows = []
     for n, prompt_len in workload:
-        B, Tp, S = gen.batch_shapes(n, prompt_len, NEW)
-        prefill_args, plan = abstract_prefill(graph, params, B, Tp, S)
-        state = jax.eval_shape(lambda *a, plan=plan: gen._prefill(graph, *a, plan=plan),
-                               *prefill_args[1:])  # graph is static, not an array
-        # The decode loop takes the prefill's sampler and stop ids, then end_step.
-        decode_args = (graph, params, state, *prefill_args[5:8], i32)
-        programs = {"prefill": (gen._prefill, prefill_args),
-                    "decode": (gen._decode, decode_args)}
-        for name, (fn, fn_args) in programs.items():
+        # generate()'s engine for n prompts of prompt_len tokens.
+        B = min(1 << (n - 1).bit_length(), gen.MAX_SLOTS)
+        S = bucket_length(prompt_len + new)
+        shapes = Shapes(B, S, 512, gen.DECODE_STEPS, MAX_LOGPROBS)
+        chunk = shapes.chunks(prompt_len)[0]
+        prefill = calls.abstract_prefill(model, B, chunk.T, S, top_n=MAX_LOGPROBS)
+        decode = calls.abstract_decode(model, B, S, gen.DECODE_STEPS,
+                                       read_len=shapes.read_len(prompt_len + new),
+                                       top_n=MAX_LOGPROBS).call_args()
+        for name, fn, (args, kwargs) in (("prefill", programs.prefill, prefill),
+                                         ("decode", programs.decode, decode)):
             best = None
             for _ in range(repeats):
                 jax.clear_caches()
                 t0 = time.perf_counter()
-                traced = fn.trace(*fn_args, plan=plan)
+                traced = fn.trace(*args, **kwargs)
                 t1 = time.perf_counter()
                 traced.lower()
                 t2 = time.perf_counter()
                 if best is None or t2 - t0 < best[0] + best[1]:
                     best = (t1 - t0, t2 - t1)
-            rows.append(dict(program=name, B=B, T=Tp if name == "prefill" else 1, S=S,
+            rows.append(dict(program=name, B=B if name == "decode" else 1,
+                             T=chunk.T if name == "prefill" else 1, S=S,
                              trace_s=best[0], lower_s=best[1]))
     return rows
 
@@ -174,19 +196,20 @@ def main() -> int:
 
     raw = TINY if args.tiny else (MEDIUM if args.config == "medium" else MINI)
     workload = TINY_WORKLOAD if args.tiny else WORKLOAD
+    new = TINY_NEW if args.tiny else NEW
     if args.child:
-        print(json.dumps(run_passes(raw, workload, args.child, args.passes, args.warmup)))
+        print(json.dumps(run_passes(raw, workload, new, args.child, args.passes, args.warmup)))
         return 0
     if args.trace_only:
         import jax
 
-        rows = trace_only(raw, workload, args.repeats)
+        rows = trace_only(raw, workload, new, args.repeats)
         print(f"{'program':8} {'B':>3} {'T':>5} {'S':>5} {'trace s':>8} {'lower s':>8}")
         for r in rows:
             print(f"{r['program']:8} {r['B']:3d} {r['T']:5d} {r['S']:5d} {r['trace_s']:8.3f} "
                   f"{r['lower_s']:8.3f}")
         result = {"bench": "compile_trace_only", "tiny": args.tiny, "config": args.config,
-                  "backend": jax.default_backend(), "new": NEW, "commit": git_head(),
+                  "backend": jax.default_backend(), "new": new, "commit": git_head(),
                   "rows": rows, "total_s": sum(r["trace_s"] + r["lower_s"] for r in rows)}
         print_result(result, args.out, "bench_compile_trace.json")
         return 0
@@ -201,14 +224,16 @@ def main() -> int:
             dict(run="warm start (persistent cache)", **warm),
             dict(run="cold start, warmup() first", **cold_w),
             dict(run="warm start, warmup() first", **warm_w)]
-    print(f"{'run':32} {'wall s':>8} {'warmup s':>8} {'programs':>9} {'from cache':>10} "
-          f"{'compile s':>10} {'trace s':>8} {'lower s':>8}")
+    print(f"{'run':32} {'wall s':>8} {'warmup s':>8} {'programs':>9} {'by requests':>11} "
+          f"{'from cache':>10} {'compile s':>10} {'trace s':>8} {'lower s':>8}")
     for r in rows:
         warmup_s = f"{r['warmup_s']:8.2f}" if r["warmup_s"] is not None else f"{'':8}"
+        by_requests = r["request_programs"] if r["request_programs"] is not None else ""
         print(f"{r['run']:32} {r['wall_s']:8.2f} {warmup_s} {r['programs']:9d} "
+              f"{by_requests:>11} "
               f"{r['from_cache']:10d} {r['compile_s']:10.2f} {r['trace_s']:8.2f} "
               f"{r['lower_s']:8.2f}")
-    result = {"bench": "compile", "tiny": args.tiny, "config": args.config, "new": NEW,
+    result = {"bench": "compile", "tiny": args.tiny, "config": args.config, "new": new,
               "workload": workload, "commit": git_head(), "rows": rows,
               # Compilation the warm start saves: cold minus warm wall time.
               "warm_saving_s": cold["wall_s"] - warm["wall_s"]}

@@ -4,17 +4,18 @@ Random bf16 weights at Phi-3-mini's shapes are built directly on the device (no 
 Each engine runs in its own child process (so its peak memory is its own and JAX's allocator
 pool does not starve torch), one after the other, on the same GPU.
 
-phi3-jax decode uses the generator's real path: the jitted `_prefill` then the jitted
-`_decode` `lax.while_loop`, greedy, stop ids cleared, advanced by a fixed `end_step`. After 2
-warm-up steps (compilation), CHUNKS chunks of STEPS steps are timed (block_until_ready each);
-ms/step is the median chunk over STEPS. Two cache layouts:
-  - "tight": prompt of ctx-64 tokens in a cache of exactly ctx slots (what an engine with
-    cache length = context would read);
-  - "generate": `generate()`'s own bucketing (`_launch` and `batch_shapes`: prompt and cache
-    lengths in quarter-octave buckets), i.e. what users get.
-Prefill: `_prefill` of B x T tokens in a cache of T slots (first token chosen), tok/s.
-TTFT: `_launch` (generate's path) for one 2048-token prompt with max_new_tokens 64, until the
-first token is on the device.
+phi3-jax runs the engine's own compiled programs (phi3_jax.engine.programs, called directly by
+benchmarks/engine_calls.py): each prompt prefilled into its cache row, then greedy decode calls
+over every row with eos and all other stops off. After 2 warm-up steps (compilation), CHUNKS
+calls of STEPS steps are timed (each waits for its tokens on the host); ms/step is the median
+call over STEPS. Two cache layouts:
+  - "tight": prompt of ctx-64 tokens in a cache of exactly ctx slots, attention reading all of
+    them, no logprobs;
+  - "generate": what `model.generate` builds for that batch (an Engine with a bucketed cache
+    length, its first-chunk bucket and read length, and its logprob alternatives), i.e. what
+    users get.
+Prefill: B prompts of T tokens, each prefilled alone as the engine does (first token chosen),
+tok/s. TTFT: one 2048-token prompt through the engine (submit to first token, host included).
 
 transformers: `Phi3ForCausalLM` bf16 on CUDA, SDPA attention, `generate(min_new_tokens=n)`;
 decode ms/step = (t(n) - t(1)) / (n - 1), best of 3. "compiled" = `cache_implementation=
@@ -151,21 +152,6 @@ def random_model(config):
     return graphdef, jax.block_until_ready(params)
 
 
-def abstract_prefill(graph, params, B: int, T: int, S: int) -> tuple[tuple, object]:
-    """(args, plan) of the generator's prefill for B prompts of T tokens and S cache slots, as
-    ShapeDtypeStructs: what `_prefill.trace/lower(*args, plan=plan)` takes, allocating nothing."""
-    import jax
-    import jax.numpy as jnp
-
-    from phi3_jax import generate as gen
-
-    ids = jax.ShapeDtypeStruct((B, T), jnp.int32)
-    args = (graph, params, ids, ids, jax.ShapeDtypeStruct((B,), jnp.int32),
-            gen.make_sampler(0.0), jax.ShapeDtypeStruct((8,), jnp.int32),
-            jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.uint32))
-    return args, gen._Plan(cache_len=S, always_long=False, reprefill=False)
-
-
 def emit(row: dict) -> None:
     print("CASE " + json.dumps(row), flush=True)
 
@@ -176,26 +162,22 @@ def emit(row: dict) -> None:
 
 def run_jax(raw: dict, cases: list, deadline: float) -> None:
     import jax
-    import jax.numpy as jnp
 
-    from phi3_jax import generate as gen
+    from benchmarks import engine_calls as calls
     from phi3_jax.api import Phi3
-    from phi3_jax.attention import choose_kernels
+    from phi3_jax.compilation import bucket_length
     from phi3_jax.config import Phi3Config
+    from phi3_jax.engine import Engine, programs
 
     config = Phi3Config.from_hf(dict(raw, model_type="phi3"))
     c = counts(raw)
     device = jax.devices()[0]
     t0 = time.perf_counter()
     graphdef, params = random_model(config)
+    model = Phi3(config, graphdef, params, generation_config={})
     emit({"engine": "phi3-jax", "case": "init", "s": time.perf_counter() - t0,
           "device": device.device_kind, "jax": jax.__version__,
-          "prefill_attention": choose_kernels("auto", jnp.bfloat16).prefill,
-          "decode_attention": choose_kernels("auto", jnp.bfloat16).decode})
-    model = Phi3(config, graphdef, params, generation_config={})
-    sampler = gen.make_sampler(0.0)
-    stop_ids = jnp.full((8,), -1, jnp.int32)
-    pad_id = jnp.asarray(0, jnp.int32)
+          "prefill_attention": model.kernels.prefill, "decode_attention": model.kernels.decode})
     rs = np.random.RandomState(0)
 
     def peak_gib() -> float | None:
@@ -205,28 +187,42 @@ def run_jax(raw: dict, cases: list, deadline: float) -> None:
     def prompts(batch: int, length: int) -> np.ndarray:
         return rs.randint(3, raw["vocab_size"] - 1, (batch, length)).astype(np.int32)
 
-    def prefill_direct(batch: int, T: int, S: int):
-        tokens = jnp.asarray(prompts(batch, T))
-        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (batch, T))
-        limits = jnp.full((batch,), T + NEW, jnp.int32)
-        plan = gen._Plan(cache_len=S, always_long=False, reprefill=False)
-        return gen._prefill(model.graph, params, tokens, positions, limits, sampler, stop_ids,
-                            pad_id, jnp.asarray(0, jnp.uint32), plan=plan), plan
-
-    def time_decode(state, decode) -> tuple[float, float, int]:
+    def time_decode(run: calls.DecodeRun) -> tuple[float, float, int]:
+        """2 steps first (compiling the program), then CHUNKS calls of STEPS steps."""
         t = time.perf_counter()
-        state = decode(state, 2)  # compiles
-        jax.block_until_ready(state)
+        run(2)
         compile_s = time.perf_counter() - t
         chunks = []
-        for i in range(CHUNKS):
+        for _ in range(CHUNKS):
             t = time.perf_counter()
-            state = decode(state, 2 + (i + 1) * STEPS)
-            jax.block_until_ready(state)
+            run(STEPS)
             chunks.append((time.perf_counter() - t) / STEPS)
-        steps = int(state.step)
-        assert steps == 2 + CHUNKS * STEPS, f"decode stopped early at step {steps}"
-        return float(np.median(chunks)), compile_s, steps
+        assert run.drawn == 2 + CHUNKS * STEPS, f"decode drew {run.drawn} tokens"
+        return float(np.median(chunks)), compile_s, run.drawn
+
+    def prefill_batch(batch: int, T: int):
+        """B prompts of T tokens, each prefilled alone as the engine does."""
+        cache, seen = calls.new_state(model, batch, T)
+        return calls.prefill_rows(model, cache, seen, prompts(batch, T))
+
+    def prefill_long(engine: Engine, prompt: np.ndarray) -> np.ndarray:
+        """The engine's chunked prefill of one prompt into row 0, with the long factors."""
+        cache, seen = engine.cache, engine.seen
+        for ch in engine.shapes.chunks(len(prompt)):
+            args, kw = calls.prefill_args(
+                model, cache, seen, 0, prompt[ch.start:ch.start + ch.count], ch.T,
+                start=ch.start, read_len=ch.read_len, use_long=True)
+            cache, seen, drawn, _ = programs.prefill(*args, **kw)
+        engine.cache, engine.seen = cache, seen
+        return np.asarray(drawn.tokens)
+
+    def engine_ttft(engine: Engine, prompt: np.ndarray) -> float:
+        """Seconds from submit to the first token, through the engine's whole host path."""
+        t = time.perf_counter()
+        request = engine.submit(prompt.tolist(), max_new_tokens=1, ignore_eos=True)
+        engine.run_until_done()
+        assert len(request.completion().token_ids) == 1
+        return time.perf_counter() - t
 
     for kind, batch, ctx in cases:
         if time.perf_counter() > deadline:
@@ -237,40 +233,41 @@ def run_jax(raw: dict, cases: list, deadline: float) -> None:
         try:
             if kind == "decode_tight":
                 P = ctx - NEW
+                cache, seen = calls.new_state(model, batch, ctx)
                 t = time.perf_counter()
-                state, plan = prefill_direct(batch, P, ctx)
-                jax.block_until_ready(state)
+                cache, seen, first = calls.prefill_rows(model, cache, seen, prompts(batch, P))
                 row["prefill_first_s"] = time.perf_counter() - t
-
-                def decode(state, end, plan=plan):
-                    return gen._decode(model.graph, params, state, sampler, stop_ids, pad_id,
-                                       jnp.asarray(end, jnp.int32), plan=plan)
-
-                ms, row["decode_compile_s"], steps = time_decode(state, decode)
+                run = calls.DecodeRun(model, cache, seen, first, P, read_len=ctx,
+                                      max_steps=STEPS)
+                ms, row["decode_compile_s"], steps = time_decode(run)
                 slots = ctx
                 filled = P + 2 + CHUNKS * STEPS / 2
             elif kind == "decode_generate":
+                # What model.generate builds for these prompts: an engine with a bucketed
+                # cache length, its first-chunk bucket, its read length and logprob width.
                 P = ctx - NEW
-                request = gen._prepare(model, prompts(batch, P).tolist(), max_new_tokens=NEW)
-                request.stop_ids[:] = -1
+                engine = Engine(model, max_slots=batch, max_len=bucket_length(P + NEW),
+                                decode_steps=STEPS)
+                (chunk,) = engine.shapes.chunks(P)
                 t = time.perf_counter()
-                state, decode, Tp, _ = gen._launch(model, request)
-                jax.block_until_ready(state)
+                cache, seen, first = calls.prefill_rows(model, engine.cache, engine.seen,
+                                                        prompts(batch, P), T=chunk.T)
                 row["prefill_first_s"] = time.perf_counter() - t
-                slots = state.tokens.shape[1]
-                row["prompt_bucket"] = Tp
-                ms, row["decode_compile_s"], steps = time_decode(state, decode)
+                slots = engine.shapes.read_len(P + 2 + CHUNKS * STEPS)
+                run = calls.DecodeRun(model, cache, seen, first, P, read_len=slots,
+                                      max_steps=STEPS, top_n=engine.shapes.top_n)
+                row.update(prompt_bucket=chunk.T, cache_slots=engine.shapes.max_len)
+                del engine
+                ms, row["decode_compile_s"], steps = time_decode(run)
                 filled = P + 2 + CHUNKS * STEPS / 2
             elif kind == "prefill":
                 t = time.perf_counter()
-                state, _ = prefill_direct(batch, ctx, ctx)
-                jax.block_until_ready(state)
+                jax.block_until_ready(prefill_batch(batch, ctx))
                 row["compile_s"] = time.perf_counter() - t
                 times = []
                 for _ in range(3):
                     t = time.perf_counter()
-                    state, _ = prefill_direct(batch, ctx, ctx)
-                    jax.block_until_ready(state)
+                    jax.block_until_ready(prefill_batch(batch, ctx))
                     times.append(time.perf_counter() - t)
                 s = float(np.median(times))
                 flops = prefill_flops(c, batch, ctx)
@@ -279,49 +276,48 @@ def run_jax(raw: dict, cases: list, deadline: float) -> None:
                 emit(row)
                 continue
             elif kind == "long":
-                # Two launches: the first compiles; the second is timed, then decoded. Only one
-                # state is alive at a time (a 100k cache is half of the GPU's memory).
-                request = gen._prepare(model, prompts(batch, ctx).tolist(), max_new_tokens=NEW)
-                request.stop_ids[:] = -1
+                # The engine's chunked prefill with the long factors, twice (the first
+                # compiles), then decode at that context.
+                total = ctx + 2 + CHUNKS * STEPS
+                engine = Engine(model, max_slots=1, max_len=bucket_length(total + 1),
+                                decode_steps=STEPS, max_logprobs=0)
+                chunks = engine.shapes.chunks(ctx)
+                prompt = prompts(1, ctx)[0]
                 t = time.perf_counter()
-                state, _, _, _ = gen._launch(model, request)
-                jax.block_until_ready(state.tokens)
+                prefill_long(engine, prompt)
                 row["compile_s"] = time.perf_counter() - t
-                del state
                 t = time.perf_counter()
-                state, decode, Tp, _ = gen._launch(model, request)
-                jax.block_until_ready(state.tokens)
-                row.update(prefill_ms=1e3 * (time.perf_counter() - t), prompt_bucket=Tp,
-                           peak_gib=peak_gib())
-                slots = state.tokens.shape[1]
-                ms, row["decode_compile_s"], steps = time_decode(state, decode)
+                first = prefill_long(engine, prompt)
+                last = chunks[-1]
+                row.update(prefill_ms=1e3 * (time.perf_counter() - t),
+                           prompt_bucket=last.start + last.T,
+                           cache_slots=engine.shapes.max_len, peak_gib=peak_gib())
+                slots = engine.shapes.read_len(total)
+                run = calls.DecodeRun(model, engine.cache, engine.seen, first, ctx,
+                                      read_len=slots, max_steps=STEPS, use_long=True)
+                del engine
+                ms, row["decode_compile_s"], steps = time_decode(run)
                 filled = ctx + 2 + CHUNKS * STEPS / 2
             elif kind in ("ttft", "ttft_no_barrier"):
-                # ttft_no_barrier: the same prefill without model.hidden_states' per-layer
-                # barrier (which bounds a long prefill's memory), to price it at this size.
+                # Submit to first token through the engine. ttft_no_barrier: the same prefill
+                # without model.hidden_states' per-layer barrier (which bounds a long
+                # prefill's memory), to price it at this size.
                 barrier = jax.lax.optimization_barrier
                 if kind == "ttft_no_barrier":
                     jax.lax.optimization_barrier = lambda x: x
-                    gen._prefill.clear_cache()  # the barrier is read at trace time
+                    programs.prefill.clear_cache()  # the barrier is read at trace time
                 try:
-                    request = gen._prepare(model, prompts(batch, ctx).tolist(),
-                                           max_new_tokens=NEW)
-                    t = time.perf_counter()
-                    state, _, _, _ = gen._launch(model, request)
-                    jax.block_until_ready(state.tokens)
-                    row["compile_s"] = time.perf_counter() - t
-                    times = []
-                    for _ in range(3):
-                        t = time.perf_counter()
-                        state, _, _, _ = gen._launch(model, request)
-                        jax.block_until_ready(state.tokens)
-                        times.append(time.perf_counter() - t)
+                    engine = Engine(model, max_slots=1, max_len=bucket_length(ctx + NEW))
+                    prompt = prompts(1, ctx)[0]
+                    row["compile_s"] = engine_ttft(engine, prompt)
+                    times = [engine_ttft(engine, prompt) for _ in range(3)]
                 finally:
                     if kind == "ttft_no_barrier":
                         jax.lax.optimization_barrier = barrier
-                        gen._prefill.clear_cache()
-                row.update(ms=1e3 * float(np.median(times)), cache_slots=state.tokens.shape[1],
-                           peak_gib=peak_gib())
+                        programs.prefill.clear_cache()
+                row.update(ms=1e3 * float(np.median(times)),
+                           cache_slots=engine.shapes.max_len, peak_gib=peak_gib())
+                del engine
                 emit(row)
                 continue
             else:
@@ -332,7 +328,7 @@ def run_jax(raw: dict, cases: list, deadline: float) -> None:
                        min_bytes=need, impl_bytes=read,
                        frac_bw=need / s / (BW_TBS * 1e12),
                        frac_bw_impl=read / s / (BW_TBS * 1e12), steps=steps, peak_gib=peak_gib())
-            del state
+            del run
         except Exception as e:  # an OOM in one case should not hide the others' numbers
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         emit(row)

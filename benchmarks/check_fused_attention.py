@@ -8,8 +8,9 @@
    through cuDNN and blocked_causal_attention's flash backward, both bf16, against reverse mode
    through the fp32 reference; each must stay within bf16 roundings, as close as reverse mode
    through the bf16 reference gets. Padding rows of the bf16 gradients must be finite.
-4. Model: a small random Phi-3 (GQA, sliding window 16) on a padded batch through generate():
-   first-token logits and greedy tokens with attention="auto" (fast) vs "xla". bf16 logits must
+4. Model: a small random Phi-3 (GQA, sliding window 16): each prompt's last-position logits
+   (model.logits, the prefill path) and greedy tokens of a batch through generate() (the
+   engine), with attention="auto" (fast) vs "xla". bf16 logits must
    agree within a bf16 bound; the fp32 model (fast decode, blocked prefill) must give identical
    tokens.
 Prints a table and a final JSON line; exits 1 when a check fails. Needs a GPU.
@@ -29,7 +30,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from phi3_jax import generate as gen
 from phi3_jax.api import Phi3
 from phi3_jax.attention import (
     attention_mask,
@@ -148,9 +148,9 @@ def model_checks() -> list[dict]:
             graphdef, params = nnx.split(module)
             model = Phi3(config, graphdef, params, generation_config={})
             with jax.default_matmul_precision("highest" if dtype == jnp.float32 else None):
-                request = gen._prepare(model, prompts, max_new_tokens=24, temperature=0.0)
-                state, _, _, _ = gen._launch(model, request)
-                logits = np.asarray(state.logits)[:len(prompts)]
+                # Each prompt's last-position logits, through the prefill path.
+                logits = np.stack([np.asarray(model.logits([p]), np.float32)[0, -1]
+                                   for p in prompts])
                 tokens = [c.token_ids for c in model.generate(prompts, max_new_tokens=24,
                                                               temperature=0.0)]
                 # One row alone too: its decode gives o_proj a second row on the fast path.

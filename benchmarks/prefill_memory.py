@@ -1,5 +1,5 @@
-"""Diagnosis (GPU): compiled memory of the generator's prefill (Phi-3-mini shapes, bf16), per
-attention path, with and without the per-layer barrier of model.hidden_states.
+"""Diagnosis (GPU): compiled memory of the engine's prompt-chunk program (Phi-3-mini shapes,
+bf16), per attention path, with and without the per-layer barrier of model.hidden_states.
 
 Compile only, on abstract parameters (nothing is allocated, so a variant that would not fit
 still reports its size): temporaries and outputs (the cache) from `memory_analysis`, and the
@@ -23,27 +23,30 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax
 import jax.numpy as jnp
 
-from benchmarks.bench_gpu import MINI, TINY, abstract_prefill
+from benchmarks.bench_gpu import MINI, TINY
+from benchmarks.engine_calls import abstract_prefill
 from benchmarks.machine import print_result
-from phi3_jax import generate as gen
+from phi3_jax.api import Phi3
 from phi3_jax.attention import Kernels
-from phi3_jax.compilation import StaticGraph
 from phi3_jax.config import Phi3Config
+from phi3_jax.engine import programs
 from phi3_jax.model import abstract_model
 
-# (B, T, S): the batches that ran out of memory with cuDNN in stop 9, and long single prompts.
-CASES = [(64, 960, 1024), (16, 4096, 4096), (1, 32768, 32768), (1, 114688, 131072)]
-TINY_CASES = [(2, 32, 64), (1, 64, 64)]
+# (B, T, S): a first chunk of T tokens (the engine prefills one prompt at a time, in chunks
+# of at most its prefill_chunk) into a cache of B rows and S slots: the default chunk with
+# many rows, and long single chunks (an engine built with a larger prefill_chunk).
+CASES = [(64, 512, 1024), (16, 512, 4096), (1, 4096, 4096), (1, 32768, 32768)]
+TINY_CASES = [(2, 32, 64), (1, 256, 256)]
 
 
 def prefill_memory(config: Phi3Config, B: int, T: int, S: int, impl: str) -> dict:
     kernels = Kernels(prefill=impl, decode="einsum", two_row_gemv=False)
     graphdef, params = abstract_model(config, jnp.bfloat16, kernels)
-    args, plan = abstract_prefill(StaticGraph(graphdef), params, B, T, S)
-    compiled = gen._prefill.lower(*args, plan=plan).compile()
-    m = compiled.memory_analysis()
+    model = Phi3(config, graphdef, params, generation_config={})
+    args, kwargs = abstract_prefill(model, B, T, S)
+    m = programs.prefill.lower(*args, **kwargs).compile().memory_analysis()
     return dict(temp_gib=m.temp_size_in_bytes / 2**30, out_gib=m.output_size_in_bytes / 2**30,
-                temp_kib_per_token_layer=m.temp_size_in_bytes / 1024 / (B * T)
+                temp_kib_per_token_layer=m.temp_size_in_bytes / 1024 / T
                 / config.num_hidden_layers)
 
 

@@ -1,11 +1,11 @@
 """Where a decode step's time goes: a kernel-level profile of the generator's decode loop.
 
 Builds random bf16 weights at Phi-3-mini's shapes on the device, prefills a tight cache
-(prompt ctx-64 tokens, ctx slots, as bench_gpu.py's decode_tight), times the jitted
-`lax.while_loop` decode, then records STEPS steps under `jax.profiler.trace` and sums the
-device kernels of the trace by name. Printed per decode step: wall ms, kernel-busy ms (the
-rest is launch gaps and host syncs), and the top kernels with their bytes-equivalent
-bandwidth where the kernel is a weight matmul.
+(prompt ctx-64 tokens, ctx slots, as bench_gpu.py's decode_tight), times the engine's decode
+program (its `lax.while_loop`, called through benchmarks/engine_calls.py), then records STEPS
+steps under `jax.profiler.trace` and sums the device kernels of the trace by name. Printed per
+decode step: wall ms, kernel-busy ms (the rest is launch gaps and host syncs), and the top
+kernels with their bytes-equivalent bandwidth where the kernel is a weight matmul.
 
 Also times XLA's matrix-vector products alone (the decode step's weight reads): LAYERS distinct
 weights per shape (more than fits in L2), x [B, in] @ W, with W stored [in, out] (our layout)
@@ -36,10 +36,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax
 import jax.numpy as jnp
 
+from benchmarks import engine_calls as calls
 from benchmarks.bench_gpu import BW_TBS, MINI, NEW, TINY, counts, decode_bytes, random_model
 from benchmarks.machine import print_result
-from phi3_jax import generate as gen
-from phi3_jax.compilation import StaticGraph
+from phi3_jax.api import Phi3
 from phi3_jax.config import Phi3Config
 
 
@@ -85,43 +85,28 @@ def summarise(kernels: list[dict], steps: int, top: int = 25) -> list[dict]:
     return rows[:top]
 
 
-def decode_profile(raw: dict, graph, params, batch: int, ctx: int, steps: int,
+def decode_profile(raw: dict, model: Phi3, batch: int, ctx: int, steps: int,
                    out_dir: str | None, hlo: bool = False) -> dict:
     c = counts(raw)
     rs = np.random.RandomState(0)
     P = ctx - NEW
-    tokens = jnp.asarray(rs.randint(3, raw["vocab_size"] - 1, (batch, P)).astype(np.int32))
-    positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (batch, P))
-    plan = gen._Plan(cache_len=ctx, always_long=False, reprefill=False)
-    sampler = gen.make_sampler(0.0)
-    stop_ids = jnp.full((8,), -1, jnp.int32)
-    pad_id = jnp.asarray(0, jnp.int32)
-    state = gen._prefill(graph, params, tokens, positions,
-                         jnp.full((batch,), ctx, jnp.int32), sampler, stop_ids, pad_id,
-                         jnp.asarray(0, jnp.uint32), plan=plan)
-
-    def decode(state, end):
-        return gen._decode(graph, params, state, sampler, stop_ids, pad_id,
-                           jnp.asarray(end, jnp.int32), plan=plan)
-
+    prompts = rs.randint(3, raw["vocab_size"] - 1, (batch, P)).astype(np.int32)
+    cache, seen = calls.new_state(model, batch, ctx)
+    cache, seen, first = calls.prefill_rows(model, cache, seen, prompts)
+    run = calls.DecodeRun(model, cache, seen, first, P, read_len=ctx, max_steps=steps)
     if hlo and out_dir:  # the optimised program: how XLA lowered each matmul
-        text = gen._decode.lower(graph, params, state, sampler, stop_ids, pad_id,
-                                 jnp.asarray(2, jnp.int32), plan=plan).compile().as_text()
         with open(os.path.join(out_dir, f"decode_B{batch}.hlo.txt"), "w") as f:
-            f.write(text)
-    state = jax.block_until_ready(decode(state, 2))  # compile
-    done = 2
+            f.write(run.lower().compile().as_text())
+    run(2)  # compiles
     times = []
     for _ in range(3):
         t = time.perf_counter()
-        state = jax.block_until_ready(decode(state, done + steps))
+        run()
         times.append((time.perf_counter() - t) / steps)
-        done += steps
     log_dir = tempfile.mkdtemp(prefix="phi3_trace_")
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):
-        state = jax.block_until_ready(decode(state, done + steps))
-    done += steps
-    assert int(state.step) == done, f"decode stopped early at step {int(state.step)}"
+        run()
+    assert run.drawn == 2 + 4 * steps, f"decode drew {run.drawn} tokens"
     events = trace_events(log_dir)
     kernels = device_kernels(events)
     busy = sum(k["dur_us"] for k in kernels) / steps
@@ -138,23 +123,24 @@ def decode_profile(raw: dict, graph, params, batch: int, ctx: int, steps: int,
                 threads=dict(threads.most_common(12)))
 
 
-def prefill_profile(raw: dict, graph, params, batch: int, T: int, out_dir: str | None
+def prefill_profile(raw: dict, model: Phi3, batch: int, T: int, out_dir: str | None
                     ) -> dict:
-    """One prefill of B x T tokens (cache of T slots), profiled: where its time goes."""
+    """B prompts of T tokens (a cache of T slots), each prefilled alone as the engine does,
+    profiled: where its time goes."""
     rs = np.random.RandomState(0)
-    tokens = jnp.asarray(rs.randint(3, raw["vocab_size"] - 1, (batch, T)).astype(np.int32))
-    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (batch, T))
-    plan = gen._Plan(cache_len=T, always_long=False, reprefill=False)
-    args = (graph, params, tokens, positions, jnp.full((batch,), T + NEW, jnp.int32),
-            gen.make_sampler(0.0), jnp.full((8,), -1, jnp.int32), jnp.asarray(0, jnp.int32),
-            jnp.asarray(0, jnp.uint32))
-    jax.block_until_ready(gen._prefill(*args, plan=plan))
+    prompts = rs.randint(3, raw["vocab_size"] - 1, (batch, T)).astype(np.int32)
+
+    def prefill():
+        cache, seen = calls.new_state(model, batch, T)
+        return jax.block_until_ready(calls.prefill_rows(model, cache, seen, prompts))
+
+    prefill()
     t = time.perf_counter()
-    jax.block_until_ready(gen._prefill(*args, plan=plan))
+    prefill()
     ms = (time.perf_counter() - t) * 1e3
     log_dir = tempfile.mkdtemp(prefix="phi3_trace_")
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):
-        jax.block_until_ready(gen._prefill(*args, plan=plan))
+        prefill()
     kernels = device_kernels(trace_events(log_dir))
     if out_dir:
         for f in glob.glob(os.path.join(log_dir, "**", "*.trace.json.gz"), recursive=True):
@@ -224,12 +210,12 @@ def main() -> int:
     ctx = 128 if args.tiny else args.ctx
     config = Phi3Config(**dict(raw, eos_token_id=(raw["eos_token_id"],)))
     graphdef, params = random_model(config)
-    graph = StaticGraph(graphdef)
+    model = Phi3(config, graphdef, params, generation_config={})
     result = {"bench": "profile_decode", "device": jax.devices()[0].device_kind,
               "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
               "decode": [], "gemv": [], "prefill": None}
     for b in args.batch:
-        r = decode_profile(raw, graph, params, b, ctx, args.steps, args.out, args.hlo)
+        r = decode_profile(raw, model, b, ctx, args.steps, args.out, args.hlo)
         result["decode"].append(r)
         print(f"\ndecode B={b} ctx={ctx}: {r['ms']:.3f} ms/step (floor {r['floor_ms']:.3f}, "
               f"{100 * r['frac_bw']:.1f}% of BW), kernels busy {r['kernel_busy_ms']:.3f} ms, "
@@ -238,13 +224,13 @@ def main() -> int:
         if not r["top"]:
             print("  no device kernels in the trace; its threads:", r["threads"])
     if args.prefill:
-        r = prefill_profile(raw, graph, params, *args.prefill, args.out)
+        r = prefill_profile(raw, model, *args.prefill, args.out)
         result["prefill"] = r
         print(f"\nprefill {r['batch']}x{r['T']}: {r['ms']:.2f} ms, kernels busy "
               f"{r['kernel_busy_ms']:.2f} ms")
         print_top(r["top"])
     if not args.no_gemv:
-        del params
+        del params, model
         for b in sorted({1, max(args.batch)}):
             result["gemv"] += gemv_bandwidth(raw, b, 2 if args.tiny else 32)
         print(f"\n{'weight':8} {'order':7} {'B':>3} {'us/matrix':>10} {'TB/s':>6} {'% BW':>6}")
