@@ -50,7 +50,7 @@ TINY_NEW = 16  # a CPU smoke run: fewer cache buckets, fewer programs
 
 
 def run_passes(raw: dict, workload: list, new: int, cache_dir: str, passes: int,
-               warmup: bool = False) -> list[dict]:
+               warmup: bool = False, buckets_per_octave: int = 2) -> list[dict]:
     import jax
     import numpy as np
 
@@ -96,6 +96,7 @@ def run_passes(raw: dict, workload: list, new: int, cache_dir: str, passes: int,
         if warmup:
             engine = Engine(model, max_slots=max(rows for rows, _ in workload),
                             max_len=bucket_length(max(n for _, n in workload) + new),
+                            buckets_per_octave=buckets_per_octave,
                             compilation_cache=cache_dir)
             engine.warmup(prompt_logprobs=False)  # the workload asks for none
             warmup_s = time.perf_counter() - t
@@ -198,7 +199,9 @@ def main() -> int:
     workload = TINY_WORKLOAD if args.tiny else WORKLOAD
     new = TINY_NEW if args.tiny else NEW
     if args.child:
-        print(json.dumps(run_passes(raw, workload, new, args.child, args.passes, args.warmup)))
+        # --tiny: one bucket per octave halves the engine's programs (a CPU smoke run).
+        print(json.dumps(run_passes(raw, workload, new, args.child, args.passes, args.warmup,
+                                    buckets_per_octave=1 if args.tiny else 2)))
         return 0
     if args.trace_only:
         import jax

@@ -101,7 +101,7 @@ def test_bench_compile_tiny_run():
     none, and a fresh process loads every program from the persistent cache."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_compile.py"),
-                           "--tiny"], capture_output=True, text=True, env=env, timeout=300,
+                           "--tiny"], capture_output=True, text=True, env=env, timeout=600,
                           cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     cold, steady, warm, cold_w, warm_w = json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
