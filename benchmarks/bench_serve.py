@@ -255,7 +255,8 @@ def main() -> None:
                   f"{ms(x.get('itl_p99')):>8} {x['completed']:>4}")
     print_result({"bench": "serve", "config": CONFIG, "requests": args.requests,
                   "max_tokens": args.max_tokens, "max_slots": args.max_slots,
-                  "cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+                  "cpu": cpu_model(), "cores": os.cpu_count(),
+                  "loadavg_1m": round(os.getloadavg()[0], 1), "python": platform.python_version(),
                   "jax": jax.__version__, "torch": torch.__version__,
                   "transformers": transformers.__version__,
                   "results": {k: {**v, "rates": {str(r): x for r, x in v.get("rates", {}).items()}}

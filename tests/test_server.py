@@ -21,8 +21,9 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-# Small engine shapes: 13 programs to build per model.
-SHAPES = ["--max-slots", "8", "--max-len", "64", "--prefill-chunk", "32", "--decode-steps", "4"]
+# Small engine shapes: 9 programs to build per model.
+SHAPES = ["--max-slots", "8", "--max-len", "64", "--prefill-chunk", "32", "--decode-steps", "4",
+          "--buckets-per-octave", "1"]
 KEY = "test-key"
 PROMPTS = ["The quick brown fox", "Hello world, this is a", "a b c d e f g"]
 IDS_PROMPT = [5, 17, 42, 99, 300, 7]
@@ -232,6 +233,7 @@ COMPLETION_CASES = [  # (body, status, the field the message must name)
     (b'{"prompt": ', 400, "JSON"),
     (b'{"prompt": "caf\xe9"}', 400, "UTF-8"),
     (b"[1, 2]", 400, "object"),
+    (b'{"prompt": "hi", "temperature": Infinity}', 400, "temperature"),
     (b'{"prompt": "' + b"x" * BIG + b'"}', 413, "limit"),
     ({"max_tokens": 4}, 400, "prompt"),
     ({"prompt": 5}, 400, "prompt"),
@@ -333,12 +335,19 @@ def test_bad_requests_get_4xx_naming_the_field_and_disturb_nothing(rnd, referenc
 
 def test_a_device_error_fails_its_request_with_500_and_the_server_goes_on(text_model,
                                                                           reference, monkeypatch):
+    """A decode call that raises fails the request it served with a 500; the next request
+    runs normally. A dead engine thread turns /health and new requests to 503."""
+    from phi3_jax import generate
+    from phi3_jax.compilation import bucket_length
     from phi3_jax.engine import programs
     from phi3_jax.server.app import create_app
     from phi3_jax.server.metrics import Metrics
-    from phi3_jax.server.service import EngineService
+    from phi3_jax.server.service import WATCHDOG_PERIOD, EngineService
 
-    engine = text_model.engine(max_slots=2, max_len=64, prefill_chunk=32, decode_steps=4)
+    # The shapes of the engine `reference` ran (model.generate): its programs are built.
+    longest = max(len(c.prompt_token_ids) for c in reference.values()) + 8
+    engine = text_model.engine(max_slots=8, max_len=bucket_length(longest),
+                               decode_steps=generate.DECODE_STEPS)
     service = EngineService(engine, Metrics(engine))
     app = create_app(service, "tiny", warmup=False)
     real, calls = programs.decode, []
@@ -358,13 +367,19 @@ def test_a_device_error_fails_its_request_with_500_and_the_server_goes_on(text_m
             failed = await http.post("/v1/completions", json=body)
             after = await http.post("/v1/completions", json=body)
             health = await http.get("/health")
-            return failed, after, health
+            # Should the engine's thread stop, the watchdog marks the server failed.
+            await asyncio.to_thread(engine.shutdown)
+            await asyncio.sleep(3 * WATCHDOG_PERIOD)
+            dead = await http.get("/health"), await http.post("/v1/completions", json=body)
+            return failed, after, health, dead
 
-    failed, after, health = asyncio.run(run())
+    failed, after, health, dead = asyncio.run(run())
     assert failed.status_code == 500
     assert "injected device fault" in failed.json()["error"]["message"]
     assert after.status_code == 200 and after.json()["choices"][0]["text"] == reference["p0"].text
     assert health.status_code == 200
+    assert [r.status_code for r in dead] == [503, 503]
+    assert "thread stopped" in dead[0].json()["status"]
 
 
 # ---- load and disconnects (the embedded model) ------------------------------------------------
@@ -477,24 +492,25 @@ def test_sigterm_under_load_finishes_or_fails_each_request_and_exits_0(rnd):
     with an error chunk, each whole request gets 200 or an error status; new connections are
     refused; the process exits 0 within the grace period, without a traceback."""
     async def stream(client, started):
-        out = await client.chat.completions.create(
-            model="tiny", messages=CHAT, max_tokens=48, stream=True,
-            extra_body={"ignore_eos": True})
-        text, reason = "", None
         try:
+            out = await client.chat.completions.create(
+                model="tiny", messages=CHAT, max_tokens=40, stream=True,
+                extra_body={"ignore_eos": True})
+            reason = None
             async for chunk in out:
                 started.set()
                 for c in chunk.choices:
-                    text += c.delta.content or ""
                     reason = c.finish_reason or reason
         except openai.APIError as e:  # the final error chunk
             return "error", str(e)
+        finally:
+            started.set()  # a request that fails early does not hold the test up
         return "done", reason
 
     async def whole(client):
         try:
             out = await client.completions.create(model="tiny", prompt=PROMPTS[0],
-                                                  max_tokens=48, extra_body={"ignore_eos": True})
+                                                  max_tokens=40, extra_body={"ignore_eos": True})
         except openai.APIStatusError as e:
             return "error", e.status_code
         return "done", out.choices[0].finish_reason

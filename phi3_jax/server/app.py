@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from phi3_jax.engine.request import check_prompt_fits
 from phi3_jax.server import protocol
@@ -128,10 +129,13 @@ class _Handler:
         if declared is not None and declared.isdigit() and int(declared) > self.max_body:
             raise _too_large(int(declared), self.max_body)
         body = bytearray()
-        async for part in request.stream():
-            body += part
-            if len(body) > self.max_body:
-                raise _too_large(len(body), self.max_body)
+        try:
+            async for part in request.stream():
+                body += part
+                if len(body) > self.max_body:
+                    raise _too_large(len(body), self.max_body)
+        except ClientDisconnect:  # nobody will read the answer
+            raise APIError(400, "the client disconnected while sending the body") from None
         parsed = protocol.parse(bytes(body), kind)
         self.check_model(parsed.model)
         return parsed

@@ -39,6 +39,7 @@ def run_serve(args: argparse.Namespace) -> int:
     engine = model.engine(max_slots=args.max_slots, max_len=args.max_len,
                           max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
                           decode_steps=args.decode_steps,
+                          buckets_per_octave=args.buckets_per_octave,
                           compilation_cache=args.compilation_cache)
     service = EngineService(engine, Metrics(engine))
     name = args.served_model_name or _default_name(args.model)
@@ -152,6 +153,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="longest prompt chunk per call, a power of two (default 512)")
     g.add_argument("--decode-steps", type=_positive, default=8, metavar="K",
                    help="decode steps per device call while nothing waits (default 8)")
+    g.add_argument("--buckets-per-octave", type=_positive, default=2, metavar="B",
+                   help="length buckets per octave for prompt chunks and cache reads: more "
+                        "waste less compute, fewer build fewer programs (default 2)")
     s = p.add_argument_group("server")
     s.add_argument("--grace", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM or Ctrl-C, how long requests in flight may take to finish "

@@ -56,8 +56,8 @@ class _Sampling(BaseModel):
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=0)
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, ge=0, le=1)
+    temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
+    top_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=MAX_N)
@@ -66,8 +66,8 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     # vLLM's extras
     top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
+    min_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
 
@@ -180,6 +180,17 @@ class ChatRequest(_Sampling):
     @property
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+
+# GenerationSettings fields whose API name differs.
+_API_NAMES = {"max_new_tokens": "max_tokens", "prompt_logprobs": "logprobs"}
+
+
+def setting_param(message: str) -> str | None:
+    """The API field a SettingsError message (which starts with the setting's name) is
+    about."""
+    name = message.split(" ", 1)[0]
+    return _API_NAMES.get(name, name) if name.isidentifier() else None
 
 
 def _is_ids(x: Any) -> bool:

@@ -21,9 +21,17 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
-from phi3_jax.engine import Engine, GenerationSettings, QueueFull, Request, RequestOutput
+from phi3_jax.engine import (
+    Engine,
+    GenerationSettings,
+    QueueFull,
+    Request,
+    RequestOutput,
+    SettingsError,
+)
 from phi3_jax.server.errors import APIError, invalid
 from phi3_jax.server.metrics import Metrics
+from phi3_jax.server.protocol import setting_param
 
 WATCHDOG_PERIOD = 0.5  # seconds between checks of the engine's thread
 
@@ -193,7 +201,10 @@ class EngineService:
         except QueueFull as e:
             self._forget(group)
             raise APIError(429, f"{e}; retry later", None, "queue_full") from None
-        except ValueError as e:  # SettingsError included; the message names the setting
+        except SettingsError as e:  # the message starts with the setting's name
+            self._forget(group)
+            raise invalid(str(e), setting_param(str(e))) from None
+        except ValueError as e:  # the prompt
             self._forget(group)
             raise invalid(str(e), param) from None
         except RuntimeError as e:  # the engine began shutting down meanwhile
