@@ -2,7 +2,8 @@
 client, same machine.
 
 Requests arrive as a Poisson process at each --rates (requests per second), each a streamed
-/v1/completions call (a prompt of 8 to 48 tokens, --max-tokens new tokens, greedy). Reported
+/v1/completions call (a prompt of 2 to 12 words, 5 to 55 tokens; --max-tokens new tokens;
+greedy). Reported
 per server and rate: output tokens per second over the run (first arrival to last token),
 time to first token (TTFT) p50/p99, and inter-token latency (ITL: a request's mean gap between
 tokens after its first, i.e. TPOT) p50/p99. Token counts come from each response's usage.
@@ -123,11 +124,12 @@ def start_transformers(path: str, continuous: bool, logs: str) -> Server:
 
 
 def prompts(n: int, seed: int) -> list[str]:
-    """Text prompts of 8 to 48 words (about as many tokens) from a fixed word list."""
+    """Text prompts of 2 to 12 words from a fixed word list: 5 to 55 tokens with the embedded
+    model's tokenizer."""
     rs = np.random.RandomState(seed)
     words = ["solve", "x", "equals", "the", "value", "of", "find", "what", "is", "if", "and",
              "then", "number", "three", "seven", "plus", "minus", "times"]
-    return [" ".join(rs.choice(words, rs.randint(8, 49))) for _ in range(n)]
+    return [" ".join(rs.choice(words, rs.randint(2, 13))) for _ in range(n)]
 
 
 async def one(http, server: Server, prompt: str, max_tokens: int) -> dict:
@@ -145,6 +147,8 @@ async def one(http, server: Server, prompt: str, max_tokens: int) -> dict:
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 data = json.loads(line[6:])
+                if data.get("error"):
+                    return {"error": f"error chunk: {str(data['error'])[:200]}"}
                 if data.get("usage"):
                     tokens = data["usage"]["completion_tokens"]
                 for choice in data.get("choices") or []:
@@ -199,6 +203,8 @@ def main() -> None:
     ap.add_argument("--max-slots", type=int, default=16, help="phi3-jax's cache rows")
     ap.add_argument("--peers", default="transformers,transformers-cb",
                     help="comma-separated: transformers, transformers-cb (or empty)")
+    ap.add_argument("--compilation-cache", default=None, metavar="DIR",
+                    help="phi3-jax's persistent compilation cache (default: a temporary one)")
     ap.add_argument("--out-dir", default=None, help="also save the JSON line there")
     args = ap.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
@@ -211,8 +217,8 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="bench-serve-")
     path = make_checkpoint(os.path.join(work, "ckpt"))
     texts = prompts(args.requests, 0)
-    starters = [("phi3", lambda: start_phi3(path, os.path.join(work, "cache"), args.max_slots,
-                                            work))]
+    cache = args.compilation_cache or os.path.join(work, "cache")
+    starters = [("phi3", lambda: start_phi3(path, cache, args.max_slots, work))]
     starters += [(p, lambda c=(p == "transformers-cb"): start_transformers(path, c, work))
                  for p in peers]
     results = {}
