@@ -146,7 +146,7 @@ async def one(http, server: Server, prompt: str, max_tokens: int) -> dict:
             async for line in r.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
-                data = json.loads(line[6:])
+                data = json.loads(line[6:], strict=False)  # a raw control character in a string
                 if data.get("error"):
                     return {"error": f"error chunk: {str(data['error'])[:200]}"}
                 if data.get("usage"):
