@@ -243,7 +243,7 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
 
     print(f"\nrandom Phi-3 D={CONFIG['hidden_size']} {CONFIG['num_hidden_layers']} layers, "
-          f"{args.requests} requests per rate, prompts 8-48 words, {args.max_tokens} new tokens, "
+          f"{args.requests} requests per rate, prompts 2-12 words, {args.max_tokens} new tokens, "
           f"greedy, streamed; {cpu_model()}, {os.cpu_count()} cores")
     print(f"{'server':<36} {'rate/s':>6} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
           f"{'ITL p50':>8} {'ITL p99':>8} {'ok':>4}")
