@@ -336,7 +336,8 @@ def test_bad_requests_get_4xx_naming_the_field_and_disturb_nothing(rnd, referenc
 def test_a_device_error_fails_its_request_with_500_and_the_server_goes_on(text_model,
                                                                           reference, monkeypatch):
     """A decode call that raises fails the request it served with a 500; the next request
-    runs normally. A dead engine thread turns /health and new requests to 503."""
+    runs normally. A dead engine thread turns /health and new requests to 503. A full queue
+    answers 429."""
     from phi3_jax import generate
     from phi3_jax.compilation import bucket_length
     from phi3_jax.engine import programs
@@ -374,12 +375,31 @@ def test_a_device_error_fails_its_request_with_500_and_the_server_goes_on(text_m
             return failed, after, health, dead
 
     failed, after, health, dead = asyncio.run(run())
+    full = _queue_full(text_model)
+    assert full.status_code == 429 and full.json()["error"]["type"] == "rate_limit_error"
     assert failed.status_code == 500
     assert "injected device fault" in failed.json()["error"]["message"]
     assert after.status_code == 200 and after.json()["choices"][0]["text"] == reference["p0"].text
     assert health.status_code == 200
     assert [r.status_code for r in dead] == [503, 503]
     assert "thread stopped" in dead[0].json()["status"]
+
+
+def _queue_full(model) -> httpx.Response:
+    """A request to a server whose engine queue holds nothing (max_queue 0)."""
+    from phi3_jax.server.app import create_app
+    from phi3_jax.server.metrics import Metrics
+    from phi3_jax.server.service import EngineService
+
+    engine = model.engine(max_slots=1, max_len=32, max_queue=0)
+    app = create_app(EngineService(engine, Metrics(engine)), "tiny", warmup=False)
+
+    async def run():
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            return await http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+
+    return asyncio.run(run())
 
 
 # ---- load and disconnects (the embedded model) ------------------------------------------------

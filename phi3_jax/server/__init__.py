@@ -12,3 +12,5 @@ the device (the engine runs in its own thread).
 - errors.py: OpenAI's error shape;
 - metrics.py: Prometheus metrics.
 """
+
+MAX_BODY = 2 << 20  # bytes in a request body: a 128k-token chat as text fits

@@ -21,12 +21,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from phi3_jax.engine.request import check_prompt_fits
-from phi3_jax.server import protocol
+from phi3_jax.server import MAX_BODY, protocol
 from phi3_jax.server.errors import APIError, invalid
 from phi3_jax.server.responses import DONE, Envelope, Tokens, sse, usage
 from phi3_jax.server.service import EngineService, Group, with_seed
-
-MAX_BODY = 2 << 20  # bytes: a 128k-token chat as text fits
 
 
 def create_app(service: EngineService, model_name: str, *, api_key: str | None = None,

@@ -20,16 +20,22 @@ from collections.abc import Iterator
 
 from phi3_jax.embedded import MODEL_DIR
 from phi3_jax.generate_cli import _add_model_arguments, _load, _positive
-from phi3_jax.server.app import MAX_BODY, create_app
-from phi3_jax.server.metrics import Metrics
-from phi3_jax.server.service import EngineService
+from phi3_jax.server import MAX_BODY
 
 EMBEDDED_NAME = "phi3-jax-embedded"
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    # Imported here: `phi3-jax` without the serve extra still runs its other commands.
+    try:
+        import uvicorn
 
+        from phi3_jax.server.app import create_app
+        from phi3_jax.server.metrics import Metrics
+        from phi3_jax.server.service import EngineService
+    except ImportError as e:
+        raise ValueError(f"{e}: `phi3-jax serve` needs the serve extra "
+                         f"(pip install \"phi3-jax[serve]\")") from None
     if getattr(args, "distributed", False):
         raise ValueError("serve runs in one process; use --mesh for the devices of this host")
     if not _is_loopback(args.host) and args.api_key is None:
@@ -63,7 +69,7 @@ class _Server:
     """uvicorn's server with this command's shutdown: the first signal drains (see the module
     docstring), and the process then exits 0 instead of re-raising the signal."""
 
-    def __init__(self, config, service: EngineService, grace: float):
+    def __init__(self, config, service, grace: float):
         import uvicorn
 
         outer = self
