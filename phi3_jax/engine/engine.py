@@ -201,6 +201,12 @@ class Engine:
         return sum(s is not None for s in self.table.slots)
 
     @property
+    def running(self) -> bool:
+        """The engine's own thread (`start`) is alive."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    @property
     def waiting(self) -> int:
         with self._lock:
             return len(self._waiting)
