@@ -8,6 +8,7 @@ groups of 16, so every split axis of a data=2,model=4 mesh still divides into wh
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -142,8 +143,7 @@ def test_engine_generates_on_a_quantized_model(ckpt, tmp_path):
     assert ours.token_ids == theirs
 
 
-@pytest.mark.parametrize("bf16", [False])
-def test_qlora_trains_and_exports_a_folder_transformers_loads(ckpt, tmp_path, bf16):
+def test_qlora_trains_and_exports_a_folder_transformers_loads(ckpt, tmp_path):
     data = tmp_path / "train.jsonl"
     rs = np.random.RandomState(2)
     data.write_text("\n".join(json.dumps({"input_ids": rs.randint(3, 127, 24).tolist()})
@@ -173,8 +173,8 @@ def test_qlora_trains_and_exports_a_folder_transformers_loads(ckpt, tmp_path, bf
 def test_bad_input_names_the_culprit_and_writes_nothing(ckpt, tmp_path):
     with pytest.raises(ValueError, match="unknown quantization scheme 'int3'"):
         phi3_jax.load(ckpt, quantize="int3")
-    with pytest.raises(ValueError, match="group size 48 does not divide the input dimension "
-                                         "64 of model.layers.0.qkv_proj"):
+    with pytest.raises(ValueError, match=re.escape("group size 48 does not divide the input "
+                                                   "dimension 64 of model.layers.0.qkv_proj")):
         convert(ckpt, tmp_path / "g48", quantize="int4", group_size=48, progress=False)
     assert not (tmp_path / "g48").exists()
     q = tmp_path / "q"
