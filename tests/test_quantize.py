@@ -77,6 +77,23 @@ def test_codes_layout_and_error_bound():
         assert np.abs(back - x).max() <= 0.5 * step * 1.01
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_blocked_matmul_builds_no_full_size_weight(scheme):
+    """A batch-1 projection's compiled temporaries stay far below the dense weight (fp32
+    [1024, 2, 2048]: 16 MiB), and the product equals the dequantized weight's."""
+    w = np.random.RandomState(3).randn(1024, 2, 2048).astype(np.float32)
+    layout = quantize.Layout(scheme, 128, w.shape, ("embed", None, "mlp"), 1, "blocked")
+    weight, scale = quantize.quantize(w, layout)
+    x = jnp.asarray(np.random.RandomState(4).randn(1, 1, 1024), jnp.float32)
+    f = jax.jit(lambda x, q, s: quantize.project("BTD,DCF->BTCF", x, q, s, layout))
+    temp = f.lower(x, weight, scale).compile().memory_analysis().temp_size_in_bytes
+    assert temp <= w.nbytes / 4
+    dense = quantize.dequantize(weight, scale, layout).astype(np.float64)
+    expected = np.einsum("BTD,DCF->BTCF", np.asarray(x, np.float64), dense)
+    # fp32 sums of 1024 products: a few ulps of the largest output.
+    assert np.abs(np.asarray(f(x, weight, scale)) - expected).max() <= 1e-6 * np.abs(expected).max()
+
+
 @pytest.mark.parametrize("scheme,embeddings", SCHEMES)
 def test_logits_equal_transformers_on_the_dequantized_weights(ckpt, tmp_path, scheme,
                                                               embeddings):
