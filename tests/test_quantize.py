@@ -205,3 +205,15 @@ def test_bad_input_names_the_culprit_and_writes_nothing(ckpt, tmp_path):
         finetune(ckpt, tmp_path / "none.jsonl", tmp_path / "ft",
                  FinetuneConfig(quantize="int4"), progress=False)
     assert not (tmp_path / "ft").exists()
+
+
+def test_generate_cli_quantizes_the_embedded_model(capsys):
+    from phi3_jax.embedded import MODEL_DIR
+
+    question = "Solve 3x + 4 = 19."
+    [expected] = phi3_jax.load(MODEL_DIR, quantize="int4").generate(
+        [[{"role": "user", "content": question}]], max_new_tokens=8)
+    assert expected.text == "x = 5"
+    assert main(["generate", "--quantize", "int4", "--chat", "--prompt", question,
+                 "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.strip() == expected.text
