@@ -6,6 +6,10 @@ NamedSharding, and every device's bytes are the sum of its shards (replicated ar
 whole). Weights in bf16; the KV cache (k, v and positions) for batch 1 and 1024 tokens in bf16.
 Activations, compiler scratch and framework overhead are not included.
 
+A second table gives the weights on one device under bf16, int8 and int4 (phi3_jax.quantize;
+int4 in groups of 128, bf16 scales, embedding and head in bf16 or quantized too), for
+Phi-3-mini, Phi-3-medium and Phi-4, in GB (10^9 bytes).
+
 Runs on CPU with 8 fake devices by default (only the mesh's shape matters):
     python benchmarks/memory_table.py [--config path/to/config.json ...]
 Prints a markdown table, then one JSON line.
@@ -29,10 +33,18 @@ from phi3_jax import sharding
 from phi3_jax.cache import KVCache
 from phi3_jax.config import Phi3Config
 from phi3_jax.model import abstract_model
+from phi3_jax.quantize import Quantization
 
 FIXTURES = pathlib.Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "configs"
 DEFAULT_CONFIGS = {"Phi-3-medium": FIXTURES / "phi3_medium_4k.json",
                    "Phi-4": FIXTURES / "phi4.json"}
+QUANTIZED_CONFIGS = {"Phi-3-mini": FIXTURES / "phi3_mini_4k.json", **DEFAULT_CONFIGS}
+# (label, quantization): every scheme, int4 with and without its embeddings quantized.
+WEIGHT_FORMATS = (("bf16", None), ("int8", Quantization("int8")),
+                  ("int8 + embeddings", Quantization("int8", embeddings=True)),
+                  ("int4", Quantization("int4")),
+                  ("int4 + embeddings", Quantization("int4", embeddings=True)))
+GB = 1e9
 MODEL_SIZES = (1, 2, 4, 8)
 CACHE_TOKENS = 1024
 GIB, MIB = 2**30, 2**20
@@ -52,6 +64,16 @@ def rows_for(name: str, config: Phi3Config) -> list[dict]:
                      "attention_split": "kv_heads" not in whole,
                      "kv_heads": config.num_key_value_heads,
                      "replicated_axes": sorted(whole)})
+    return rows
+
+
+def weight_rows(name: str, config: Phi3Config) -> list[dict]:
+    """Weight bytes on one device per format (abstract: nothing is allocated)."""
+    rows = []
+    for label, quantization in WEIGHT_FORMATS:
+        _, params = abstract_model(config, "bfloat16", quantization=quantization)
+        total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+        rows.append({"model": name, "format": label, "weights_bytes": int(total)})
     return rows
 
 
@@ -78,8 +100,16 @@ def main() -> None:
                      if r["attention_split"] else f"replicated ({K} KV heads do not divide)")
         print(f"| {r['model']} | model={r['model_axis']} | {r['weights_bytes'] / GIB:.2f} GiB "
               f"| {r['kv_cache_bytes_per_1k_tokens'] / MIB:.1f} MiB | {attention} |")
+    weights = [row for name, path in QUANTIZED_CONFIGS.items()
+               for row in weight_rows(name, Phi3Config.from_hf(path))]
+    print("\n| model | " + " | ".join(label for label, _ in WEIGHT_FORMATS) + " |")
+    print("|---|" + "---:|" * len(WEIGHT_FORMATS))
+    for name in QUANTIZED_CONFIGS:
+        cells = [f"{r['weights_bytes'] / GB:.2f} GB" for r in weights if r["model"] == name]
+        print(f"| {name} | " + " | ".join(cells) + " |")
     print(json.dumps({"benchmark": "memory_table", "jax": jax.__version__,
-                      "cache_tokens": CACHE_TOKENS, "dtype": "bfloat16", "rows": rows}))
+                      "cache_tokens": CACHE_TOKENS, "dtype": "bfloat16", "rows": rows,
+                      "weights_by_format": weights}))
 
 
 if __name__ == "__main__":

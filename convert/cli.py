@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from phi3_jax import interrupts
+from phi3_jax import interrupts, quantize
 from phi3_jax.params import COMPUTE_DTYPES
 
 NONFINITE_HELP = "read weights that hold NaN or infinity (refused by default)"
@@ -17,10 +17,13 @@ def run_convert(args: argparse.Namespace) -> int:
 
     with interrupts.command():
         meta = convert(args.hf_dir, args.out_dir, dtype=args.dtype, force=args.force,
-                       progress=not args.quiet, allow_nonfinite=args.allow_nonfinite)
+                       progress=not args.quiet, allow_nonfinite=args.allow_nonfinite,
+                       **quantize.from_args(args))
     rate = meta["bytes"] / max(meta["seconds"], 1e-9) / 1e6
+    stored = meta.get("quantization")
+    kind = meta["dtype"] if stored is None else f"{stored['scheme']}, others {meta['dtype']}"
     print(f"converted {meta['tensor_count']} tensors ({meta['bytes'] / 1e9:.2f} GB "
-          f"{meta['dtype']}) to {args.out_dir} in {meta['seconds']:.1f} s ({rate:.0f} MB/s)",
+          f"{kind}) to {args.out_dir} in {meta['seconds']:.1f} s ({rate:.0f} MB/s)",
           file=sys.stderr)
     return 0
 
@@ -68,6 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="replace OUT_DIR if it exists (only once the new checkpoint is complete)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--allow-nonfinite", action="store_true", help=NONFINITE_HELP)
+    quantize.add_arguments(p)
     p.set_defaults(func=run_convert)
 
     e = sub.add_parser("export", help="export an Orbax checkpoint as Hugging Face safetensors "

@@ -10,6 +10,7 @@ tensor, whatever the model's size.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -21,6 +22,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from phi3_jax import orbax_checkpoint as ock
+from phi3_jax import quantize as quantize_lib
 from phi3_jax.atomic import atomic_directory, check_destination
 from phi3_jax.checkpoint_files import checkpoint_file
 from phi3_jax.config import Phi3Config
@@ -33,8 +35,9 @@ SIDE_FILES = ("generation_config.json",)
 
 
 def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | None = None,
-            force: bool = False, progress: bool = True,
-            allow_nonfinite: bool = False) -> dict[str, Any]:
+            force: bool = False, progress: bool = True, allow_nonfinite: bool = False,
+            quantize: str | None = None, group_size: int = 128,
+            quantize_embeddings: bool = False) -> dict[str, Any]:
     """Converts a Hugging Face Phi-3 folder into a phi3-jax Orbax checkpoint at `out_dir`.
 
     `dtype` ("bfloat16", "float32", "float16") defaults to the checkpoint's own. An existing
@@ -42,10 +45,24 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | 
     Returns the metadata record written with the checkpoint. A tensor holding NaN or infinity
     is refused by name unless `allow_nonfinite`. A GGUF file or an Ollama model name
     ('ollama:phi3:mini') is read by phi3_jax.gguf instead.
+
+    `quantize` ("int8" or "int4", int4 in groups of `group_size`; phi3_jax.quantize) stores the
+    projections (and with `quantize_embeddings` the embedding and head) quantized, each tensor
+    quantized as it is read; the scheme goes into the metadata record. `dtype` is then that of
+    the other weights.
     """
     from phi3_jax import gguf
 
+    quantization = quantize_lib.resolve(quantize, group_size, quantize_embeddings)
+    if quantization is not None and ock.is_orbax_checkpoint(hf_dir):
+        meta = ock.read_metadata(hf_dir)
+        what = ("already quantized" if ock.stored_quantization(meta) is not None
+                else "a phi3-jax Orbax checkpoint")
+        raise ValueError(f"{hf_dir} is {what}; --quantize reads a Hugging Face folder")
     if gguf.is_gguf_source(hf_dir):
+        if quantization is not None:
+            raise ValueError(f"{hf_dir}: --quantize reads a Hugging Face folder, not GGUF "
+                             f"(load it with quantize= instead)")
         return gguf.convert_gguf(hf_dir, out_dir, dtype=dtype, force=force, progress=progress,
                                  allow_nonfinite=allow_nonfinite)
     hf_dir = os.path.abspath(hf_dir)
@@ -56,9 +73,12 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | 
     checkpoint = HFCheckpoint(hf_dir, allow_nonfinite=allow_nonfinite)
     specs = checkpoint.check(config)
     target = _target_dtype(dtype, checkpoint, specs)
-    _, abstract = abstract_model(config, target)
-    shapes = {path: tuple(var.shape) for path, var in nnx.to_flat_state(abstract)}
-    total = sum(int(np.prod(shapes[s.path])) * target.itemsize for s in specs)
+    # A group size that does not divide a weight is refused here, before anything is written.
+    graphdef, abstract = abstract_model(config, target, quantization=quantization)
+    layouts = quantize_lib.layouts(graphdef, abstract)
+    stored = {path: (tuple(var.shape), np.dtype(var.dtype))
+              for path, var in nnx.to_flat_state(abstract)}
+    total = sum(math.prod(shape) * dt.itemsize for shape, dt in stored.values())
 
     start = time.perf_counter()
     with atomic_directory(out_dir, force, sources=(hf_dir,)) as tmp, tqdm(
@@ -66,24 +86,40 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | 
             disable=not progress, leave=False) as bar:
         tensors = {}
         for order, spec in enumerate(specs):
-            tensors[spec.path] = ock.LazyTensor(
-                shapes[spec.path], target, produce=_reader(checkpoint, spec, target),
-                order=order, written=_releaser(checkpoint, spec, bar, shapes[spec.path], target))
+            layout = layouts.get(spec.path)
+            produce = _reader(checkpoint, spec, target)
+            paths = [spec.path]
+            if layout is not None:  # weight, then scale, from one quantization of the source
+                paths.append(quantize_lib.scale_path(spec.path))
+                produce = _quantizer(_reader(checkpoint, spec, np.dtype(np.float32)), layout)
+            for k, path in enumerate(paths):
+                last = k == len(paths) - 1
+                tensors[path] = ock.LazyTensor(
+                    *stored[path], produce=produce if layout is None else produce[k],
+                    order=2 * order + k,
+                    written=_releaser(checkpoint, spec, bar, stored[path], last))
         ock.save_params(os.path.join(tmp, ock.PARAMS_DIR), tensors)
         check_interrupted()
         tokenizer_files = _copy_side_files(hf_dir, tmp, target)
         source_dtypes = sorted({_dtype_name(checkpoint[s.hf_name].dtype) for s in specs})
         check_interrupted()
-        meta = write_record(tmp, hf_dir, source_dtypes, target, specs, shapes, tokenizer_files)
+        dense = {path: tuple(var.shape)
+                 for path, var in nnx.to_flat_state(abstract_model(config, target)[1])}
+        meta = write_record(tmp, hf_dir, source_dtypes, target, specs, dense, tokenizer_files,
+                            quantization, total)
     meta["seconds"] = time.perf_counter() - start
     return meta
 
 
 def write_record(folder: str, source: str, source_dtypes: list[str], dtype: np.dtype,
-                 specs: list[TensorSpec], shapes: dict, tokenizer_files: list[str]) -> dict:
+                 specs: list[TensorSpec], shapes: dict, tokenizer_files: list[str],
+                 quantization: quantize_lib.Quantization | None = None,
+                 nbytes: int | None = None) -> dict:
     """Writes the checkpoint's metadata record, last, with the checksums of every other file
     (orbax_checkpoint.write_metadata): its presence is what marks the folder a complete
-    checkpoint. Returns the record."""
+    checkpoint. Returns the record. `shapes`: the dense parameters' shapes by path; `nbytes`
+    (default: all of them in `dtype`) what is stored, for a quantized checkpoint."""
+    parameters = int(sum(np.prod(shapes[s.path]) for s in specs))
     meta = {
         "format": ock.FORMAT,
         "format_version": ock.FORMAT_VERSION,
@@ -91,13 +127,15 @@ def write_record(folder: str, source: str, source_dtypes: list[str], dtype: np.d
         "source_dtypes": source_dtypes,
         "dtype": _dtype_name(dtype),
         "tensor_count": len(specs),
-        "parameter_count": int(sum(np.prod(shapes[s.path]) for s in specs)),
-        "bytes": int(sum(np.prod(shapes[s.path]) for s in specs)) * np.dtype(dtype).itemsize,
+        "parameter_count": parameters,
+        "bytes": parameters * np.dtype(dtype).itemsize if nbytes is None else nbytes,
         "params": ock.PARAMS_DIR,
         "tokenizer_files": tokenizer_files,
         "phi3_jax_version": _version(),
         "orbax_checkpoint_version": ock.orbax_version(),
     }
+    if quantization is not None:
+        meta["quantization"] = quantization.to_json()
     return ock.write_metadata(folder, meta)
 
 
@@ -112,6 +150,22 @@ def _target_dtype(dtype: str | None, checkpoint: HFCheckpoint,
     names = sorted(map(_dtype_name, found))
     raise ValueError(f"{checkpoint.path} stores {', '.join(names)} tensors; pass --dtype "
                      f"(one of {', '.join(sorted(COMPUTE_DTYPES))})")
+
+
+def _quantizer(produce: Callable[[], np.ndarray], layout: quantize_lib.Layout,
+               ) -> tuple[Callable[[], np.ndarray], Callable[[], np.ndarray]]:
+    """(weight, scale) producers of one quantization: the first call quantizes, the second
+    hands over the other half (the writer takes them in that order, one after the other)."""
+    held: list[np.ndarray] = []
+
+    def weight() -> np.ndarray:
+        q, s = quantize_lib.quantize(produce(), layout)
+        held.append(s)
+        return q
+
+    def scale() -> np.ndarray:
+        return held.pop()
+    return weight, scale
 
 
 def _reader(checkpoint: HFCheckpoint, spec: TensorSpec, dtype: np.dtype):
@@ -130,12 +184,15 @@ def relayout(change: Callable[[np.ndarray], np.ndarray], array: np.ndarray) -> n
     return ock.contiguous(change(array.view(bits))).view(array.dtype)
 
 
-def _releaser(checkpoint: HFCheckpoint, spec: TensorSpec, bar: tqdm, shape: tuple[int, ...],
-              dtype: np.dtype):
-    nbytes = int(np.prod(shape)) * dtype.itemsize
+def _releaser(checkpoint: HFCheckpoint, spec: TensorSpec, bar: tqdm,
+              stored: tuple[tuple[int, ...], np.dtype], last: bool = True):
+    """Advances the bar by an array's bytes; after a tensor's last array, releases its pages."""
+    shape, dtype = stored
+    nbytes = math.prod(shape) * dtype.itemsize
 
     def written() -> None:
-        checkpoint.release(spec.hf_name)
+        if last:
+            checkpoint.release(spec.hf_name)
         bar.update(nbytes)
     return written
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from convert.hf_to_orbax import SIDE_FILES, copy_tokenizer, relayout
 from phi3_jax import finite
 from phi3_jax import orbax_checkpoint as ock
+from phi3_jax import quantize as quantize_lib
 from phi3_jax.atomic import atomic_directory, check_destination
 from phi3_jax.checkpoint_files import check_tree, checkpoint_file
 from phi3_jax.config import Phi3Config
@@ -37,8 +38,9 @@ def export(orbax_dir: str | os.PathLike, hf_dir: str | os.PathLike,
     """Writes the checkpoint as a Hugging Face folder; returns the file names written.
 
     Shards past `max_shard_size` (with model.safetensors.index.json); a tied model has no
-    lm_head.weight. An existing `hf_dir` is refused unless `force`. A parameter holding NaN or
-    infinity is refused by name unless `allow_nonfinite`.
+    lm_head.weight. A quantized checkpoint's weights are written dequantized, in its dtype.
+    An existing `hf_dir` is refused unless `force`. A parameter holding NaN or infinity is
+    refused by name unless `allow_nonfinite`.
     """
     orbax_dir = os.path.abspath(orbax_dir)
     if not os.path.isdir(orbax_dir):
@@ -52,7 +54,8 @@ def export(orbax_dir: str | os.PathLike, hf_dir: str | os.PathLike,
             ock.verifying(orbax_dir, meta):
         config = Phi3Config.from_hf(orbax_dir)
         dtype = resolve_dtype(meta["dtype"])
-        _, abstract = abstract_model(config, dtype)
+        graphdef, abstract = abstract_model(config, dtype,
+                                            quantization=ock.stored_quantization(meta))
         shapes = {path: tuple(var.shape) for path, var in nnx.to_flat_state(abstract)}
         specs = tensor_specs(config)
         total = sum(int(np.prod(s.hf_shape)) * dtype.itemsize for s in specs)
@@ -61,7 +64,8 @@ def export(orbax_dir: str | os.PathLike, hf_dir: str | os.PathLike,
             params = meta.get("params", ock.PARAMS_DIR)  # a name the checkpoint gives: its own
             check_tree(orbax_dir, params, what=f"{ock.MARKER}'s \"params\"")
             reader = _LayerReader(os.path.join(orbax_dir, params), [s.path for s in specs],
-                                  shapes, dtype, allow_nonfinite)
+                                  shapes, dtype, allow_nonfinite,
+                                  quantize_lib.layouts(graphdef, abstract))
             tensors = [(s.hf_name, _PendingTensor(s, dtype, reader.get, bar.update))
                        for s in specs]
             files = write_hf_tensors(tmp, tensors, max_shard_size, metadata={"format": "pt"})
@@ -82,25 +86,40 @@ def _group(path: Path) -> Any:
 
 
 class _LayerReader:
-    """Restores one group of parameters at a time and hands each array out once."""
+    """Restores one group of parameters at a time and hands each array out once; a quantized
+    weight (one in `layouts`) comes out dequantized, in `dtype` like the others."""
 
     def __init__(self, directory: str, paths: list[Path], shapes: dict[Path, tuple[int, ...]],
-                 dtype: np.dtype, allow_nonfinite: bool = False):
+                 dtype: np.dtype, allow_nonfinite: bool = False,
+                 layouts: dict[Path, quantize_lib.Layout] | None = None):
         self.directory, self.shapes, self.dtype = directory, shapes, dtype
         self.allow_nonfinite = allow_nonfinite
+        self.layouts = layouts or {}
         self.groups: dict[Any, list[Path]] = {}
         for path in paths:
-            self.groups.setdefault(_group(path), []).append(path)
+            group = self.groups.setdefault(_group(path), [])
+            group.append(path)
+            if path in self.layouts:
+                group.append(quantize_lib.scale_path(path))
         self.arrays: dict[Path, np.ndarray] = {}
 
     def get(self, path: Path) -> np.ndarray:
+        layout = self.layouts.get(path)
+        if layout is None:
+            return self._take(path, self.dtype)
+        (_, weight_dtype, _), _ = layout.stored()
+        weight = self._take(path, np.dtype(weight_dtype))
+        scale = self._take(quantize_lib.scale_path(path), np.dtype(quantize_lib.SCALE_DTYPE))
+        return quantize_lib.dequantize(weight, scale, layout, self.dtype)
+
+    def _take(self, path: Path, dtype: np.dtype) -> np.ndarray:
         if path not in self.arrays:
             self.arrays = ock.restore_host(self.directory, self.groups[_group(path)],
-                                           self.shapes, self.dtype)
+                                           self.shapes, dtype)
         array = self.arrays.pop(path)
-        if array.dtype != self.dtype:
+        if array.dtype != dtype:
             raise ock.OrbaxCheckpointError(f"{self.directory}: parameter {ock.param_name(path)} "
-                                           f"is stored as {array.dtype}, not {self.dtype}")
+                                           f"is stored as {array.dtype}, not {dtype}")
         if not self.allow_nonfinite:
             finite.check_host(array, ock.param_name(path), self.directory)
         return array

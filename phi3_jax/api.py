@@ -14,6 +14,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from phi3_jax import finite, orbax_checkpoint, sharding
+from phi3_jax import quantize as quantize_lib
 from phi3_jax.attention import Kernels, choose_kernels
 from phi3_jax.checkpoint_files import check_tree
 from phi3_jax.compilation import StaticGraph, bucket_length
@@ -68,8 +69,14 @@ class Phi3:
         return self.module().kernels
 
     @property
+    def quantization(self) -> quantize_lib.Quantization | None:
+        """How the weights are quantized (`load(..., quantize=...)`), or None."""
+        return self.module().quantization
+
+    @property
     def dtype(self) -> jnp.dtype:
-        return self.params["model"]["embed_tokens"]["weight"].dtype
+        # The final norm: never quantized, unlike the embedding may be.
+        return self.params["model"]["norm"]["weight"].dtype
 
     def module(self) -> Phi3ForCausalLM:
         """The NNX module bound to these parameters (for research use: probing, surgery)."""
@@ -134,7 +141,8 @@ class Phi3:
 
 def load(path: str | os.PathLike, dtype: str | jnp.dtype = "float32",
          mesh: str | dict | Mesh | None = None, attention: str = "auto",
-         allow_nonfinite: bool = False) -> Phi3:
+         allow_nonfinite: bool = False, quantize: str | None = None, group_size: int = 128,
+         quantize_embeddings: bool = False) -> Phi3:
     """Loads a Hugging Face folder (config.json + safetensors, single or sharded), a
     phi3-jax Orbax checkpoint (made by `phi3-jax convert`), or a llama.cpp/Ollama GGUF file
     ("model.gguf", or "ollama:phi3:mini" from the local Ollama store; see phi3_jax.gguf).
@@ -148,11 +156,18 @@ def load(path: str | os.PathLike, dtype: str | jnp.dtype = "float32",
     A checkpoint may reference only its own files (phi3_jax.checkpoint_files), and a weight
     holding NaN or infinity is refused by name (checked as it is read; phi3_jax.finite) unless
     `allow_nonfinite`.
+
+    `quantize` ("int8" or "int4"; see phi3_jax.quantize) quantizes the projections' weights
+    (and with `quantize_embeddings` the embedding and head) one tensor at a time as they are
+    read: int4 in groups of `group_size` input rows. A checkpoint `phi3-jax convert --quantize`
+    wrote loads quantized as it was stored; `dtype` is then the activations' and the other
+    weights'.
     """
     from phi3_jax import gguf
 
     path = os.fspath(path)
     dtype = resolve_dtype(dtype)
+    quantization = quantize_lib.resolve(quantize, group_size, quantize_embeddings)
     source = gguf.open_gguf(path) if gguf.is_gguf_source(path) else None
     if source is None and not os.path.isdir(path):
         raise FileNotFoundError(f"no model folder at {path}")
@@ -160,7 +175,12 @@ def load(path: str | os.PathLike, dtype: str | jnp.dtype = "float32",
     if is_orbax:  # TensorStore opens the files below params/ itself: check them all first
         for name in (orbax_checkpoint.MARKER, orbax_checkpoint.PARAMS_DIR):
             check_tree(path, name, what=f"the Orbax checkpoint's {name}")
-        orbax_checkpoint.verify_checkpoint(path)  # metadata, then every file's checksum
+        meta = orbax_checkpoint.verify_checkpoint(path)  # metadata, then every file's checksum
+        stored = orbax_checkpoint.stored_quantization(meta)
+        if stored is not None and quantization is not None:
+            raise ValueError(f"{path} is already quantized ({stored.scheme}, group size "
+                             f"{stored.group_size}); load it without quantize=")
+        quantization = stored or quantization
     if source is not None:
         config, specs = source.config, source.specs
     else:
@@ -170,31 +190,35 @@ def load(path: str | os.PathLike, dtype: str | jnp.dtype = "float32",
         specs = checkpoint.check(config)  # every name and shape, before any data is read
     mesh = sharding.make_mesh(mesh) if mesh is not None else None
     kernels = choose_kernels(attention, dtype, heads_split=mesh is not None
-                             and sharding.heads_split(config, mesh))
-    graphdef, abstract = abstract_model(config, dtype, kernels)
+                             and sharding.heads_split(config, mesh), sharded=mesh is not None)
+    graphdef, abstract = abstract_model(config, dtype, kernels, quantization)
+    layouts = quantize_lib.layouts(graphdef, abstract)
     targets = (dict(nnx.to_flat_state(sharding.param_shardings(abstract, mesh)))
                if mesh is not None else None)
     if is_orbax:
         one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         arrays = orbax_checkpoint.restore_params(
             os.path.join(path, orbax_checkpoint.PARAMS_DIR),
-            {p: (tuple(var.shape), dtype, targets[p] if targets else one_device)
+            {p: (tuple(var.shape), var.dtype, targets[p] if targets else one_device)
              for p, var in nnx.to_flat_state(abstract)})
         if not allow_nonfinite:
             finite.check_on_device(list(arrays.values()),
                                    [orbax_checkpoint.param_name(p) for p in arrays], path)
     else:
         # Streamed one tensor at a time: read (a GGUF tensor dequantized straight into `dtype`),
-        # laid out, placed on its shards, released.
-        arrays = {}
+        # laid out, quantized if asked, placed on its shards, released.
+        arrays, checked = {}, []  # checked: what the finiteness check reads, per spec
         for spec in specs:
-            target = targets[spec.path] if targets else None
             host = (source.read(spec, dtype) if source is not None
                     else checkpoint[spec.hf_name])
-            arrays[spec.path] = place(spec.to_jax(host), dtype, target)
+            for p, array, dt in _placed(spec, host, dtype, layouts.get(spec.path)):
+                arrays[p] = place(array, dt, targets[p] if targets else None)
+            # A quantized tensor's NaN or infinity reaches its scales (absmax).
+            checked.append(arrays[quantize_lib.scale_path(spec.path)
+                                  if spec.path in layouts else spec.path])
             (source or checkpoint).release(spec.hf_name)
         if not allow_nonfinite:  # on device, as placed (phi3_jax.finite)
-            for i in finite.nonfinite_on_device(list(arrays.values())):
+            for i in finite.nonfinite_on_device(checked):
                 name = specs[i].hf_name
                 if source is not None:
                     raise finite.NonFiniteError(
@@ -212,6 +236,18 @@ def load(path: str | os.PathLike, dtype: str | jnp.dtype = "float32",
         generation_config = read_generation_config(path, config.vocab_size)
     return Phi3(config, graphdef, fill_state(abstract, arrays), tokenizer=tokenizer,
                 generation_config=generation_config, mesh=mesh, path=path)
+
+
+def _placed(spec: Any, host: np.ndarray, dtype: jnp.dtype, layout: quantize_lib.Layout | None,
+            ) -> list[tuple[tuple, np.ndarray, Any]]:
+    """(path, host array, dtype) to place for one checkpoint tensor: the tensor in our layout,
+    or its quantized weight and scales."""
+    dense = spec.to_jax(host)
+    if layout is None:
+        return [(spec.path, dense, dtype)]
+    weight, scale = quantize_lib.quantize(np.asarray(dense), layout)
+    return [(spec.path, weight, weight.dtype),
+            (quantize_lib.scale_path(spec.path), scale, scale.dtype)]
 
 
 def _tokenizer_if_present(path: str) -> Any:

@@ -375,15 +375,20 @@ class Kernels:
     blocks, the reference below) or "xla" (the reference dot_product_attention everywhere).
     decode: "matmul" (decode_attention) or "einsum" (dot_product_attention) for one-token steps.
     two_row_gemv: a one-token o_proj runs as a two-row matmul (see Attention.__call__).
+    quantized_matmul: how quantized weights multiply (phi3_jax.quantize): "blocked" (a loop
+    over dequantized fp32 tiles; the CPU on one device) or "xla" (the dequantization left for
+    XLA to fuse into the dot, and for GSPMD to partition).
     """
 
     prefill: str = "blocked"
     decode: str = "einsum"
     two_row_gemv: bool = False
+    quantized_matmul: str = "xla"
 
 
 def choose_kernels(choice: str = "auto", dtype: jnp.dtype = jnp.float32, *,
-                   backend: str | None = None, heads_split: bool = False) -> Kernels:
+                   backend: str | None = None, heads_split: bool = False,
+                   sharded: bool = False) -> Kernels:
     """The Kernels for `choice` ("auto", "xla", "blocked" or "cudnn"), activations in `dtype` on
     `backend` (default: JAX's default backend).
 
@@ -393,10 +398,21 @@ def choose_kernels(choice: str = "auto", dtype: jnp.dtype = jnp.float32, *,
     has no fp32 kernel). `heads_split`: the KV heads are split over a mesh axis, where the
     block-diagonal decode matmul would contract over the split axis (an all-reduce per layer),
     so decode keeps the einsum, which XLA partitions without communication.
+
+    Quantized weights multiply by blocks of dequantized tiles on the CPU (XLA's CPU backend
+    does not fuse a convert into a dot: the "xla" path would build a full-size fp32 copy of
+    each weight per step) unless the model is `sharded` over a mesh, where the blocks' dynamic
+    slices would gather the split weights; everywhere else XLA fuses and partitions it.
     """
+    kernels = _attention_kernels(choice, dtype, backend or jax.default_backend(), heads_split)
+    blocked = (backend or jax.default_backend()) == "cpu" and not sharded
+    return dataclasses.replace(kernels, quantized_matmul="blocked" if blocked else "xla")
+
+
+def _attention_kernels(choice: str, dtype: jnp.dtype, backend: str,
+                       heads_split: bool) -> Kernels:
     if choice not in ATTENTION_CHOICES:
         raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {choice!r}")
-    backend = backend or jax.default_backend()
     gpu = backend == "gpu"
     fused = jnp.dtype(dtype) in FUSED_DTYPES
     if choice == "cudnn":

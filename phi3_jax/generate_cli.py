@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from phi3_jax import jsonl, sharding, textio
+from phi3_jax import jsonl, quantize, sharding, textio
 from phi3_jax.api import Phi3, load
 from phi3_jax.compilation import bucket_length
 from phi3_jax.embedded import MODEL_DIR
@@ -35,6 +35,7 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="persist compiled programs in DIR, so later runs skip compiling")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="load weights that hold NaN or infinity (refused by default)")
+    quantize.add_arguments(p)
     sharding.add_mesh_argument(p)
 
 
@@ -70,7 +71,7 @@ def _load(args: argparse.Namespace) -> Phi3:
     if not os.path.isdir(args.model) and not is_gguf_source(args.model):
         raise FileNotFoundError(f"no model folder at {args.model}")
     return load(args.model, dtype=args.dtype, mesh=sharding.mesh_from_args(args),
-                allow_nonfinite=args.allow_nonfinite)
+                allow_nonfinite=args.allow_nonfinite, **quantize.from_args(args))
 
 
 def _needs_tokenizer(model: Phi3) -> Any:

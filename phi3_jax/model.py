@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from phi3_jax import quantize
 from phi3_jax.attention import Attention, Kernels, attention_mask, choose_kernels
 from phi3_jax.cache import CacheUpdate, KVCache
 from phi3_jax.cache import key_positions as cache_key_positions
@@ -35,11 +36,17 @@ class Embedding(nnx.Module):
     def __init__(self, config: Phi3Config, dtype: jnp.dtype, rngs: nnx.Rngs):
         self.weight = param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"),
                             dtype)
+        self.quant = None  # a phi3_jax.quantize.Layout once quantized (then also `scale`)
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]
+    def __call__(self, tokens: jax.Array, dtype: jnp.dtype | None = None,
+                 ) -> jax.Array:  # [B, T] -> [B, T, D]
+        if self.quant is not None:
+            return quantize.lookup(tokens, self.weight[...], self.scale[...], self.quant, dtype)
         return jnp.take(self.weight[...], tokens, axis=0)
 
     def attend(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V]
+        if self.quant is not None:
+            return quantize.attend(x, self.weight[...], self.scale[...], self.quant)
         return jnp.einsum("BTD,VD->BTV", x, self.weight[...])
 
 
@@ -85,7 +92,8 @@ class Phi3Model(nnx.Module):
 class Phi3ForCausalLM(nnx.Module):
     def __init__(self, config: Phi3Config, *, dtype: jnp.dtype = jnp.float32,
                  rngs: nnx.Rngs | None = None, remat: bool = False,
-                 kernels: Kernels | None = None):
+                 kernels: Kernels | None = None,
+                 quantization: quantize.Quantization | None = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
         # The attention computations (static, in the graphdef): chosen once, never per call.
@@ -96,6 +104,9 @@ class Phi3ForCausalLM(nnx.Module):
         self.model = Phi3Model(config, dtype, rngs)
         if not config.tie_word_embeddings:
             self.lm_head = Embedding(config, dtype, rngs)
+        self.quantization = quantization  # static: weight-only, activations stay in `dtype`
+        if quantization is not None:
+            quantize.quantize_model(self, quantization, self.kernels.quantized_matmul)
 
     @property
     def head(self) -> Embedding:
@@ -118,7 +129,7 @@ class Phi3ForCausalLM(nnx.Module):
             # A row's length is its largest position + 1 (positions are per row, so padding
             # does not count), the quantity the reference compares with original_max.
             use_long = uses_long_factors(config, jnp.max(positions, axis=1) + 1)
-        x = self.model.embed_tokens(tokens)  # [B, T, D]
+        x = self.model.embed_tokens(tokens, self.model.norm.weight.dtype)  # [B, T, D]
         cos, sin = rotary_tables(config, positions, use_long, x.dtype)
         if cache is not None and update.read_len > 0:
             keys = cache_key_positions(update, tokens.shape[0])  # [B, read_len]
@@ -164,8 +175,11 @@ class Phi3ForCausalLM(nnx.Module):
 
 
 def abstract_model(config: Phi3Config, dtype: jnp.dtype = jnp.float32,
-                   kernels: Kernels | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+                   kernels: Kernels | None = None,
+                   quantization: quantize.Quantization | None = None,
+                   ) -> tuple[nnx.GraphDef, nnx.State]:
     """The model's graph and its parameters as ShapeDtypeStructs, allocating nothing."""
     model = nnx.eval_shape(lambda: Phi3ForCausalLM(config, dtype=jnp.dtype(dtype),
-                                                   rngs=nnx.Rngs(0), kernels=kernels))
+                                                   rngs=nnx.Rngs(0), kernels=kernels,
+                                                   quantization=quantization))
     return nnx.split(model)

@@ -2,7 +2,9 @@
 
 A checkpoint folder (made by `phi3-jax convert`) holds:
 
-    phi3_jax.json   the metadata record (format, source, dtype, versions, tensor count), with
+    phi3_jax.json   the metadata record (format, source, dtype, versions, tensor count, and
+                    for a quantized checkpoint its "quantization": scheme, group_size,
+                    embeddings; phi3_jax.quantize), with
                     the size and sha256 of every other file of the folder (phi3_jax.checksums)
                     and a digest of the record itself. It is written last, so a folder that has
                     it is complete; `is_orbax_checkpoint` looks for it, and `verify_checkpoint`
@@ -146,6 +148,14 @@ def verifying(path: str | os.PathLike, meta: dict[str, Any]) -> Iterator[None]:
             cancelled.set()
             raise
         verification.result()
+
+
+def stored_quantization(meta: dict[str, Any]) -> Any:
+    """The phi3_jax.quantize.Quantization a checkpoint's weights were stored in, or None."""
+    from phi3_jax.quantize import Quantization
+
+    record = meta.get("quantization")
+    return None if record is None else Quantization.from_json(record)
 
 
 def orbax_version() -> str:

@@ -36,15 +36,34 @@ def param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: tuple[str | None, .
 
 
 class Einsum(nnx.Module):
-    """A bias-free projection: `einsum(spec, x, weight)`, with the weight's axes named."""
+    """A bias-free projection: `einsum(spec, x, weight)`, with the weight's axes named.
+
+    Quantized (phi3_jax.quantize.quantize_module), `weight` holds the codes, `scale` the scales
+    and `quant` their Layout; the product is the same einsum with the dequantized weight."""
 
     def __init__(self, spec: str, shape: Sequence[int], axes: tuple[str | None, ...],
                  dtype: jnp.dtype, rngs: nnx.Rngs):
         self.spec = spec
         self.weight = param(rngs, shape, axes, dtype)
+        self.quant = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.quant is not None:
+            from phi3_jax.quantize import project
+
+            return project(self.spec, x, self.weight[...], self.scale[...], self.quant)
         return jnp.einsum(self.spec, x, self.weight[...])
+
+    @property
+    def dense_shape(self) -> tuple[int, ...]:
+        """The dense weight's shape, quantized or not."""
+        return self.quant.shape if self.quant is not None else tuple(self.weight.shape)
+
+    @property
+    def dense_axes(self) -> tuple[str | None, ...]:
+        """The dense weight's logical axes, quantized or not."""
+        return (self.quant.axes if self.quant is not None
+                else tuple(self.weight.get_metadata()["logical_axes"]))
 
 
 def resolve_dtype(dtype: str | jnp.dtype) -> jnp.dtype:

@@ -38,7 +38,9 @@ def test_selection():
     assert jax.default_backend() == "cpu"
     # "auto" (the default) takes the fast paths on GPUs only.
     for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
-        assert choose_kernels("auto", dtype) == Kernels("blocked", "einsum", False)
+        assert choose_kernels("auto", dtype) == Kernels("blocked", "einsum", False, "blocked")
+    # Quantized weights: blocked tiles on one CPU; XLA's fused convert on a mesh or a GPU.
+    assert choose_kernels("xla", jnp.float32, sharded=True).quantized_matmul == "xla"
     gpu = dict(backend="gpu")
     assert choose_kernels("auto", jnp.bfloat16, **gpu) == Kernels("cudnn", "matmul", True)
     assert choose_kernels("auto", jnp.float16, **gpu).prefill == "cudnn"
@@ -61,8 +63,9 @@ def test_load_carries_the_choice(hf_checkpoint):
     import phi3_jax
 
     path = hf_checkpoint()
-    assert phi3_jax.load(path).kernels == Kernels("blocked", "einsum", False)
-    assert phi3_jax.load(path, attention="xla").kernels == Kernels("xla", "einsum", False)
+    assert phi3_jax.load(path).kernels == Kernels("blocked", "einsum", False, "blocked")
+    assert phi3_jax.load(path, attention="xla").kernels == Kernels("xla", "einsum", False,
+                                                                   "blocked")
     with pytest.raises(ValueError, match="attention must be one of"):
         phi3_jax.load(path, attention="flash")
 

@@ -100,6 +100,12 @@ class _Source:
             from phi3_jax.params import resolve_dtype
 
             meta = ock.verify_checkpoint(path)  # every file's checksum, before reading it
+            stored = ock.stored_quantization(meta)
+            if stored is not None:
+                raise ValueError(f"{path} is quantized ({stored.scheme}); GGUF export needs "
+                                 f"dense weights: `phi3-jax export` it to a Hugging Face folder "
+                                 f"(dequantized) and export that, or convert the original "
+                                 f"without --quantize")
             dtype = resolve_dtype(meta["dtype"])
             _, abstract = abstract_model(self.config, dtype)
             from flax import nnx

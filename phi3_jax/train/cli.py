@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from phi3_jax import interrupts, sharding
+from phi3_jax import interrupts, quantize, sharding
 from phi3_jax.train.data import OVERFLOW_POLICIES
 from phi3_jax.train.lora import TARGETS
 
@@ -24,7 +24,8 @@ def run(args: argparse.Namespace) -> int:
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=targets,
         remat=args.remat, dtype=args.dtype, save_dtype=args.save_dtype,
         save_every=args.save_every, seed=args.seed, mesh=sharding.mesh_from_args(args),
-        overflow=args.overflow, allow_nonfinite=args.allow_nonfinite)
+        overflow=args.overflow, allow_nonfinite=args.allow_nonfinite,
+        **quantize.from_args(args))
     try:
         with interrupts.command():
             result = finetune(args.model, args.data, args.out, config)
@@ -80,5 +81,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="load a base model whose weights hold NaN or infinity (refused by default)")
+    quantize.add_arguments(p)  # QLoRA: with --lora-rank, the frozen base quantized
     sharding.add_mesh_argument(p)
     p.set_defaults(func=run)

@@ -68,14 +68,17 @@ class LoRAEinsum(Einsum):
         x, w, out, contracted, w_out = _split_spec(base.spec)
         self.spec = base.spec
         self.weight = base.weight
-        self.scale = alpha / rank
+        self.quant = base.quant  # QLoRA: the frozen base may be quantized (phi3_jax.quantize)
+        if base.quant is not None:
+            self.scale = base.scale
+        self.lora_scale = alpha / rank
         self._spec_a = f"{x},{contracted}{RANK_LETTER}->" + "".join(
             c for c in x if c not in contracted) + RANK_LETTER
         self._spec_b = ("".join(c for c in x if c not in contracted) + RANK_LETTER
                         + f",{RANK_LETTER}{w_out}->{out}")
         self._spec_merge = f"{contracted}{RANK_LETTER},{RANK_LETTER}{w_out}->{w}"
-        shape = dict(zip(w, base.weight.shape, strict=True))
-        axes = dict(zip(w, base.weight.get_metadata()["logical_axes"], strict=True))
+        shape = dict(zip(w, base.dense_shape, strict=True))
+        axes = dict(zip(w, base.dense_axes, strict=True))
         in_shape = [shape[c] for c in contracted]
         # A like a fan-in-scaled dense init, B zero: the adapter starts as the identity update.
         std = 1.0 / math.sqrt(math.prod(in_shape))
@@ -85,15 +88,15 @@ class LoRAEinsum(Einsum):
                                 logical_axes=(None, *(axes[c] for c in w_out)))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum(self.spec, x, self.weight[...])
+        y = super().__call__(x)  # the frozen projection, quantized or not
         a = self.lora_a[...].astype(x.dtype)
         b = self.lora_b[...].astype(x.dtype)
         low = jnp.einsum(self._spec_a, x, a)  # [..., R]
-        return y + self.scale * jnp.einsum(self._spec_b, low, b)
+        return y + self.lora_scale * jnp.einsum(self._spec_b, low, b)
 
     def delta(self) -> jax.Array:
         """(alpha / r) A B in the weight's layout, fp32."""
-        return self.scale * jnp.einsum(self._spec_merge, self.lora_a[...].astype(jnp.float32),
+        return self.lora_scale * jnp.einsum(self._spec_merge, self.lora_a[...].astype(jnp.float32),
                                        self.lora_b[...].astype(jnp.float32))
 
 

@@ -33,6 +33,7 @@ from phi3_jax import sharding
 from phi3_jax.attention import Kernels
 from phi3_jax.config import Phi3Config
 from phi3_jax.model import Phi3ForCausalLM
+from phi3_jax.quantize import Quantization
 from phi3_jax.train.lora import LoRAConfig, LoRAParam, add_lora
 from phi3_jax.train.loss import head_loss_sum
 
@@ -65,13 +66,15 @@ class ModelSpec:
 def build_model_spec(config: Phi3Config, compute_dtype: jnp.dtype, *, remat: bool = False,
                      lora: LoRAConfig | None = None, seed: int = 0,
                      kernels: Kernels | None = None,
+                     quantization: Quantization | None = None,
                      ) -> tuple[ModelSpec, nnx.State, nnx.State | None]:
     """(spec, abstract trainable state, abstract frozen state or None); allocates nothing.
 
     The abstract states are nnx.State of Variables (with their logical_axes metadata).
-    `kernels`: the attention computations (default: choose_kernels("auto", compute_dtype))."""
-    graphdef, trainable, frozen = _split(nnx.eval_shape(_builder(config, compute_dtype, remat,
-                                                                 lora, seed, kernels)), lora)
+    `kernels`: the attention computations (default: choose_kernels("auto", compute_dtype)).
+    `quantization`: QLoRA, the frozen base's weights quantized (phi3_jax.quantize)."""
+    graphdef, trainable, frozen = _split(nnx.eval_shape(_builder(
+        config, compute_dtype, remat, lora, seed, kernels, quantization)), lora)
     return ModelSpec(graphdef, jnp.dtype(compute_dtype), lora), trainable, frozen
 
 
@@ -86,10 +89,11 @@ def init_lora_params(config: Phi3Config, lora: LoRAConfig, seed: int,
     return jax.device_put(params, shardings) if shardings is not None else params
 
 
-def _builder(config, dtype, remat, lora, seed, kernels) -> Callable[[], Phi3ForCausalLM]:
+def _builder(config, dtype, remat, lora, seed, kernels,
+             quantization=None) -> Callable[[], Phi3ForCausalLM]:
     def make():
         model = Phi3ForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(seed), remat=remat,
-                                kernels=kernels)
+                                kernels=kernels, quantization=quantization)
         return add_lora(model, lora, seed) if lora is not None else model
     return make
 

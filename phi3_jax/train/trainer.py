@@ -30,6 +30,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from phi3_jax import interrupts, sharding
+from phi3_jax import quantize as quantize_lib
 from phi3_jax.api import load
 from phi3_jax.atomic import check_no_overlap
 from phi3_jax.hf_weights import write_hf_folder
@@ -73,6 +74,9 @@ class FinetuneConfig:
     mesh: str | None = None
     overflow: str = "truncate"
     allow_nonfinite: bool = False  # load a base model holding NaN or infinity (issue 15)
+    quantize: str | None = None  # QLoRA: the frozen base quantized ("int8", "int4")
+    group_size: int = 128
+    quantize_embeddings: bool = False
 
     def __post_init__(self) -> None:
         """Refuses values that cannot be meant, naming the command-line flag: a negative LoRA
@@ -97,6 +101,12 @@ class FinetuneConfig:
         _number("final_lr_fraction", self.final_lr_fraction, positive=False)
         if self.final_lr_fraction > 1:
             raise ValueError(f"final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}")
+        if self.quantize is not None:
+            quantize_lib.resolve(self.quantize, self.group_size, self.quantize_embeddings)
+            if self.lora_rank <= 0:
+                raise ValueError(f"--quantize {self.quantize} needs LoRA (--lora-rank R > 0): "
+                                 f"quantized weights are frozen, so full fine-tuning "
+                                 f"(--lora-rank 0) cannot train them")
         if self.overflow not in OVERFLOW_POLICIES:
             raise ValueError(f"--overflow must be one of {', '.join(OVERFLOW_POLICIES)}, got "
                              f"{self.overflow!r}")
@@ -126,6 +136,8 @@ class FinetuneConfig:
             "lora": None if lora is None else [lora.rank, lora.alpha, list(lora.targets)],
             "remat": self.remat, "dtype": self.dtype, "seed": self.seed,
             "overflow": self.overflow,
+            "quantize": None if self.quantize is None else [
+                self.quantize, self.group_size, self.quantize_embeddings],
         }
 
 
@@ -184,7 +196,11 @@ def _finetune(model_dir: str, data: str, out_dir: str, config: FinetuneConfig, p
 
     # Full fine-tuning loads fp32 masters; LoRA keeps its frozen base in the compute dtype.
     base = load(model_dir, dtype=jnp.float32 if lora is None else compute, mesh=mesh,
-                allow_nonfinite=config.allow_nonfinite)
+                allow_nonfinite=config.allow_nonfinite, quantize=config.quantize,
+                group_size=config.group_size, quantize_embeddings=config.quantize_embeddings)
+    layouts = quantize_lib.layouts(base.graphdef, base.params)  # QLoRA's frozen base
+    if layouts and lora is None:
+        raise ValueError(f"{model_dir} is quantized: fine-tune it with LoRA (--lora-rank R > 0)")
     model_config = base.config
     if config.seq_len > model_config.max_position_embeddings:
         raise ValueError(f"--seq-len {config.seq_len} exceeds the model's "
@@ -196,8 +212,10 @@ def _finetune(model_dir: str, data: str, out_dir: str, config: FinetuneConfig, p
                     "(longest: %d tokens)", dataset.truncated, len(dataset.examples),
                     config.seq_len, dataset.longest)
 
+    # A quantized base keeps the matmul its load chose (blocked on one CPU, XLA on a mesh).
     spec, abstract_trainable, abstract_frozen = step_lib.build_model_spec(
-        model_config, compute, remat=config.remat, lora=lora, seed=config.seed)
+        model_config, compute, remat=config.remat, lora=lora, seed=config.seed,
+        kernels=base.kernels if layouts else None, quantization=base.quantization)
     optim = config.optim
     optimizer = make_optimizer(optim)
     param_shardings = frozen_shardings = state_shardings = None
@@ -293,7 +311,10 @@ def _finetune(model_dir: str, data: str, out_dir: str, config: FinetuneConfig, p
             checkpointer.close()
 
     host = functools.partial(jax.tree.map, sharding.to_host)  # gathers across processes
-    params = final_params(host(state.params), None if frozen is None else host(frozen), lora)
+    base_params = None if frozen is None else host(frozen)
+    if layouts:  # the LoRA merge reads the base dense (dequantized, fp32)
+        base_params = quantize_lib.dequantize_params(base_params, layouts)
+    params = final_params(host(state.params), base_params, lora)
     if jax.process_index() == 0:
         with interrupts.deferred():
             write_hf_folder(out_dir, model_config, params, save_dtype, source_dir=model_dir,
