@@ -156,6 +156,32 @@ class Phi3:
         capture = capture_names(self.config.num_hidden_layers, names, layers)
         return self._run(input_ids, attention_mask, inputs_embeds, hooks, capture)
 
+    def score(self, contexts: Sequence[str] | str, continuations: Sequence[str] | str,
+              **kwargs: Any) -> list[Any]:
+        """Each continuation's per-token logprobs after its context, their total, and whether
+        it is the greedy continuation (a phi3_jax.scoring.Score each). Tokenized as
+        lm-evaluation-harness's HF backend does: the whole string, split after the context.
+        Keywords: batch_size, progress, hooks."""
+        from phi3_jax import scoring
+
+        return scoring.score(self, contexts, continuations, **kwargs)
+
+    def loglikelihood_rolling(self, texts: Sequence[str] | str, window: int | None = None,
+                              **kwargs: Any) -> list[float]:
+        """Each text's total logprob, scored in disjoint windows of at most `window` tokens
+        (default: the context), as lm-eval's loglikelihood_rolling. Keywords: batch_size,
+        progress, hooks."""
+        from phi3_jax import scoring
+
+        return scoring.loglikelihood_rolling(self, texts, window=window, **kwargs)
+
+    def perplexity(self, texts: Sequence[str] | str, window: int | None = None,
+                   **kwargs: Any) -> float:
+        """exp(-mean token logprob) over the texts (scored as loglikelihood_rolling)."""
+        from phi3_jax import scoring
+
+        return scoring.perplexity(self, texts, window=window, **kwargs)
+
     def _run(self, input_ids, attention_mask, inputs_embeds, hooks, capture):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")

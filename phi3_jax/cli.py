@@ -12,6 +12,7 @@ from phi3_jax import interrupts
 COMMAND_MODULES = (
     "phi3_jax.demo",
     "phi3_jax.generate_cli",
+    "phi3_jax.score_cli",
     "convert.cli",
     "phi3_jax.train.cli",
 )

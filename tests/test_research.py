@@ -19,6 +19,7 @@ from conftest import ORIGINAL_MAX
 
 from phi3_jax import hooks
 from phi3_jax.functional import forward, run_with_cache
+from phi3_jax.scoring import score_tokens
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -237,3 +238,107 @@ def test_train_step_loss_takes_hooks(window_model):
         handle.remove()
     assert_close(float(total / count), want, "hooked loss")
     assert abs(float(plain / count) - want) > 1e-2
+
+
+# ---- scoring -------------------------------------------------------------------------------
+
+def hf_logprobs(ref, ids):
+    with torch.no_grad():
+        logits = ref(torch.tensor([ids])).logits[0]
+    return torch.log_softmax(logits.double(), dim=-1).numpy()
+
+
+PAIRS = [("The quick brown", " fox jumps"), ("Hello ", "world"),  # a trailing space moves
+         ("", "An empty context"), ("x = 3", ". So x is 3.")]
+
+
+@pytest.fixture(scope="module")
+def text_pair(tmp_path_factory):
+    """(our model, transformers' model, the checkpoint's tokenizer in transformers) on a random
+    checkpoint with a Phi-3-style tokenizer and the Hub's tokenizer.json. The reference
+    tokenizer is PreTrainedTokenizerFast on that tokenizer.json: transformers v5's AutoTokenizer
+    re-normalizes Llama-style tokenizers and gives other ids (test_tokenizer.py)."""
+    from conftest import hf_model, make_hf_checkpoint
+    from tokenizer_fixtures import SP_VOCAB_SIZE, make_phi3_dir, write_hub_tokenizer_json
+    from transformers import PreTrainedTokenizerFast
+
+    import phi3_jax
+
+    path = tmp_path_factory.mktemp("score") / "ckpt"
+    make_phi3_dir(path)
+    write_hub_tokenizer_json(path)
+    make_hf_checkpoint(path, seed=4, vocab_size=SP_VOCAB_SIZE + 16)
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), bos_token="<s>")
+    return phi3_jax.load(path), hf_model(path), tok
+
+
+def test_score_equals_log_softmax_of_transformers_logits(text_pair):
+    """score() tokenizes like lm-eval's HF backend (the whole string with transformers'
+    tokenizer, split after the context's tokens; BOS for an empty context) and each token's
+    logprob is the log-softmax of transformers' logits before it."""
+    ours, ref, hf_tok = text_pair
+    scores = ours.score([c for c, _ in PAIRS], [k for _, k in PAIRS], batch_size=3)
+    for (context, continuation), s in zip(PAIRS, scores, strict=True):
+        if context:
+            n = len(context.rstrip())
+            whole = hf_tok(context + continuation, add_special_tokens=False).input_ids
+            context_ids = hf_tok(context[:n], add_special_tokens=False).input_ids
+        else:
+            context_ids = [hf_tok.bos_token_id]
+            whole = context_ids + hf_tok(continuation, add_special_tokens=False).input_ids
+        want_tokens = whole[len(context_ids):]
+        assert s.tokens == want_tokens
+        logp = hf_logprobs(ref, whole)
+        at = np.arange(len(whole) - len(want_tokens) - 1, len(whole) - 1)
+        want = logp[at, want_tokens]
+        assert_close(s.logprobs, want, f"logprobs of {continuation!r}")
+        assert_close(s.total, want.sum(), "total")
+        assert s.is_greedy == bool(np.all(logp[at].argmax(-1) == want_tokens))
+    # a continuation made of the model's own greedy tokens is greedy
+    context_ids = hf_tok("Hello", add_special_tokens=False).input_ids
+    greedy = ours.generate([context_ids], max_new_tokens=3, ignore_eos=True)[0].token_ids
+    assert score_tokens(ours, [(context_ids, greedy)])[0].is_greedy
+    assert not score_tokens(ours, [(context_ids, [greedy[0], (greedy[1] + 1) % 100 + 3])])[
+        0].is_greedy
+
+
+def test_rolling_loglikelihood_and_perplexity(text_pair):
+    """One window: the text's total logprob after BOS, from transformers' logits. Smaller
+    windows score every token once (the same count), each conditioned on fewer tokens."""
+    ours, ref, hf_tok = text_pair
+    text = "the quick brown fox jumps over the lazy dog, again and again and again"
+    ids = [hf_tok.bos_token_id, *hf_tok(text, add_special_tokens=False).input_ids]
+    logp = hf_logprobs(ref, ids)
+    want = logp[np.arange(len(ids) - 1), ids[1:]].sum()
+    (total,) = ours.loglikelihood_rolling([text])
+    assert_close(total, want, "rolling total")
+    assert_close(ours.perplexity(text), np.exp(-want / (len(ids) - 1)), "perplexity")
+    windowed = ours.loglikelihood_rolling(text, window=5)[0]
+    assert windowed != pytest.approx(total, abs=1e-3)
+
+
+def test_score_cli(text_pair, tmp_path):
+    """`phi3-jax score` on a JSONL of pairs and texts, and on a text file, matches the API."""
+    import json
+
+    from phi3_jax.cli import main
+
+    ours, _, _ = text_pair
+    lines = [{"context": c, "continuation": k, "id": i} for i, (c, k) in enumerate(PAIRS[:2])]
+    lines.append({"text": "the lazy dog"})
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    out = tmp_path / "out.jsonl"
+    assert main(["score", "--model", str(ours.path), "--input", str(src), "--output",
+                 str(out), "--no-progress"]) == 0
+    got = [json.loads(x) for x in out.read_text().splitlines()]
+    want = ours.score([c for c, _ in PAIRS[:2]], [k for _, k in PAIRS[:2]])
+    for record, s in zip(got, want, strict=False):
+        assert record["logprobs"] == pytest.approx(s.logprobs, abs=1e-6)
+        assert record["is_greedy"] == s.is_greedy and "id" in record
+    assert got[2]["loglikelihood"] == pytest.approx(
+        ours.loglikelihood_rolling("the lazy dog")[0], abs=1e-5)
+    text = tmp_path / "doc.txt"
+    text.write_text("the lazy dog")
+    assert main(["score", "--model", str(ours.path), "--input", str(text),
+                 "--no-progress"]) == 0
