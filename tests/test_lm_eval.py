@@ -162,3 +162,27 @@ def test_embedded_generate_until_accuracy_equals_the_demo(tasks, capsys):
     print(f"embedded: generate_until acc {demo_accuracy:.3f}, multiple choice acc "
           f"{out['results']['linear_mc']['acc,none']:.3f} ({len(PROBLEMS)} held-out problems)",
           file=sys.stderr)
+
+
+def test_lm_eval_command_finds_phi3_jax(tasks, tmp_path):
+    """`lm_eval --model phi3-jax` in a fresh process, as installed: site-packages' .pth files
+    run at start-up, here the repository's phi3_jax_lm_eval.pth through site.addsitedir (what
+    site.py does for site-packages). JAX is not imported until the model is asked for."""
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    probe = ("import site, sys; site.addsitedir(sys.argv[1]); import lm_eval.api.registry as r;"
+             " print(r.get_model('hf').__name__, 'jax' in sys.modules,"
+             " r.get_model('phi3-jax').__name__)")
+    out = subprocess.run([sys.executable, "-c", probe, str(root)], capture_output=True,
+                         text=True, check=True, env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.stdout.split() == ["HFLM", "False", "Phi3JaxLM"], out.stderr[-2000:]
+    run = ("import site, sys; site.addsitedir(sys.argv.pop(1)); sys.argv[0] = 'lm_eval';"
+           " from lm_eval.__main__ import cli_evaluate; sys.exit(cli_evaluate())")
+    out = subprocess.run(
+        [sys.executable, "-c", run, str(root), "--model", "phi3-jax", "--model_args",
+         "dtype=float32", "--tasks", "linear_mc", "--include_path", str(tasks), "--limit", "3",
+         "--output_path", str(tmp_path / "out")],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "linear_mc" in out.stdout and "acc" in out.stdout
