@@ -342,3 +342,22 @@ def test_score_cli(text_pair, tmp_path):
     text.write_text("the lazy dog")
     assert main(["score", "--model", str(ours.path), "--input", str(text),
                  "--no-progress"]) == 0
+
+
+def test_logits_pad_the_batch_to_the_data_axis_and_replace_params(window_model):
+    """On a data=2 mesh, logits and run_with_cache take 3 rows (padded to 4, as generate pads)
+    and equal the unsharded model; replace(params=...) gives a new handle, the old unchanged."""
+    import phi3_jax
+    from phi3_jax.sharding import make_mesh
+
+    ours, _ = window_model
+    sharded = phi3_jax.load(ours.path, mesh=make_mesh("data=2", jax.devices()[:2]))
+    ids, mask = left_padded((9, 5, 7), ours.config.vocab_size, seed=10)
+    assert_close(sharded.logits(ids, mask), ours.logits(ids, mask), "sharded logits")
+    _, cache = sharded.run_with_cache(ids, mask, names="layers.1.resid_mid")
+    assert cache["layers.1.resid_mid"].shape == (3, 9, ours.config.hidden_size)
+    zeroed = jax.tree.map(jnp.zeros_like, ours.params)
+    edited = ours.replace(params=zeroed)
+    assert edited.params is zeroed and edited.tokenizer is ours.tokenizer
+    assert not np.any(np.asarray(edited.logits(ids, mask)))
+    assert np.any(np.asarray(ours.logits(ids, mask)))
