@@ -186,6 +186,11 @@ def test_pure_run_with_cache_is_jittable_with_hooks_and_positions(window_model):
     assert_close(np.asarray(logits)[valid], np.asarray(want_logits)[valid], "logits")
     for name in names:
         assert_close(np.asarray(cache[name])[valid], np.asarray(want[name])[valid], name)
+    # mean-ablating head 1 with a zero mean is zeroing it (the scale_heads hook above)
+    N, H = 4, ours.config.head_dim
+    zero = {"layers.0.attn.heads": hooks.mean_ablate([1], np.zeros((N, H)), N)}
+    assert_close(forward(ours.params, ours.graphdef, jnp.asarray(ids),
+                         attention_mask=jnp.asarray(mask), hooks=zero), logits, "mean 0")
 
 
 def test_new_hook_values_compile_nothing(longrope_model, count_compiles):
