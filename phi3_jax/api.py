@@ -22,23 +22,49 @@ from phi3_jax.config import Phi3Config, read_generation_config
 from phi3_jax.engine import Completion, Engine, GenerationSettings
 from phi3_jax.engine.request import check_token_ids
 from phi3_jax.hf_weights import HFCheckpoint
+from phi3_jax.hooks import PROBS, Hook, capture_names, check_names
 from phi3_jax.model import Phi3ForCausalLM, abstract_model
 from phi3_jax.params import fill_state, place, resolve_dtype
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _forward(graph: StaticGraph, params: nnx.State, tokens: jax.Array, lengths: jax.Array,
-             slots: jax.Array) -> jax.Array:
-    """Logits [B, T, V] of right-padded rows (row b's tokens at its first lengths[b] slots of
-    tokens [B, Tb]), placed at the caller's slots [B, T] (-1: a padding slot, zero logits)."""
+@functools.partial(jax.jit, static_argnames=("graph", "capture"))
+def _forward(graph: StaticGraph, params: nnx.State, tokens: jax.Array | None,
+             embeds: jax.Array | None, lengths: jax.Array, slots: jax.Array,
+             hooks: dict[str, Hook] | None, capture: tuple[str, ...] = (),
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Logits [B, T, V] of right-padded rows (row b's tokens, or embeddings, at its first
+    lengths[b] slots of tokens [B, Tb] or embeds [B, Tb, D]), placed at the caller's slots
+    [B, T] (-1: a padding slot, zero logits); and the `capture` points, placed the same way."""
     model = nnx.merge(graph.graphdef, params)
-    Tb = tokens.shape[1]
+    Tb = slots.shape[1]
     positions = jnp.where(jnp.arange(Tb)[None, :] < lengths[:, None], jnp.arange(Tb)[None, :],
                           -1)
-    x, _ = model.hidden_states(tokens, positions, prefill_lengths=lengths)  # [B, Tb, D]
-    x = jnp.take_along_axis(x, jnp.maximum(slots, 0)[:, :, None], axis=1)  # [B, T, D]
-    logits = model.head.attend(x)
-    return jnp.where(slots[:, :, None] >= 0, logits, 0)
+    x, _, captured = model.activations(tokens, positions, prefill_lengths=lengths,
+                                       inputs_embeds=embeds, hooks=hooks,
+                                       capture=capture)  # [B, Tb, D]
+    logits = model.head.attend(_unpack(x, slots, 1))
+    return (jnp.where(slots[:, :, None] >= 0, logits, 0),
+            {name: _unpack(v, slots, *((2, 3) if name.endswith(PROBS) else (1,)))
+             for name, v in captured.items()})
+
+
+def _unpack(x: jax.Array, slots: jax.Array, *axes: int) -> jax.Array:
+    """x with each of `axes` (packed token slots) gathered to the caller's layout by slots
+    [B, T]; padding entries are zero."""
+    for axis in axes:
+        index = jnp.maximum(slots, 0).reshape(slots.shape[:1] + (1,) * (axis - 1)
+                                              + slots.shape[1:] + (1,) * (x.ndim - axis - 1))
+        x = jnp.take_along_axis(x, index, axis=axis)
+        valid = (slots >= 0).reshape(index.shape)
+        x = jnp.where(valid, x, 0)
+    return x
+
+
+def _cut(value: jax.Array, name: str, B: int, T: int) -> jax.Array:
+    """A captured value without the mesh's padding rows and the length bucket's slots."""
+    if name.endswith(PROBS):
+        return value[:B, :, :T, :T]
+    return value[:B, :T]
 
 
 class Phi3:
@@ -82,47 +108,144 @@ class Phi3:
         """The NNX module bound to these parameters (for research use: probing, surgery)."""
         return nnx.merge(self.graphdef, self.params)
 
-    def logits(self, input_ids: Sequence[Sequence[int]] | np.ndarray | jax.Array,
+    def replace(self, **changes: Any) -> Phi3:
+        """A new handle with some fields replaced (params, tokenizer, generation_config, mesh,
+        path), e.g. `model.replace(params=edited)` after editing weights; `self` is unchanged.
+        The compiled programs are shared as long as the graph is."""
+        fields = dict(config=self.config, graphdef=self.graphdef, params=self.params,
+                      tokenizer=self.tokenizer, generation_config=self.generation_config,
+                      mesh=self.mesh, path=self.path)
+        unknown = set(changes) - set(fields) - {"config", "graphdef"}
+        if unknown:
+            raise TypeError(f"replace() got unknown fields {sorted(unknown)}")
+        fields.update(changes)
+        config, graphdef, params = (fields.pop(k) for k in ("config", "graphdef", "params"))
+        return Phi3(config, graphdef, params, **fields)
+
+    def logits(self, input_ids: Sequence[Sequence[int]] | np.ndarray | jax.Array | None = None,
                attention_mask: Sequence[Sequence[int]] | np.ndarray | jax.Array | None = None,
-               ) -> jax.Array:
+               *, inputs_embeds: np.ndarray | jax.Array | None = None,
+               hooks: dict[str, Hook] | None = None) -> jax.Array:
         """[B, T, V] logits of a full forward pass, in the parameters' dtype.
 
-        With an attention_mask (1 = token, 0 = padding; left or right padding), each row's
-        positions count only its own tokens, so a row's logits equal those of the row alone;
-        logits at padded positions are zero.
+        input_ids [B, T], or inputs_embeds [B, T, D] (vectors in the embedding space, e.g.
+        `model.params["model"]["embed_tokens"]["weight"][ids]`). With an attention_mask
+        (1 = token, 0 = padding; left or right padding), each row's positions count only its
+        own tokens, so a row's logits equal those of the row alone; logits at padded positions
+        are zero. `hooks` ({point name: Hook}, phi3_jax.hooks) replace values at named points;
+        a hook's numbers are traced, so new values compile nothing.
 
         Each row's tokens are packed to the front before the model runs, as a prompt prefill:
         the fused causal kernel on GPUs, and on other backends the blocked attention for rows of
-        512 tokens or more, so memory grows linearly with the length.
+        512 tokens or more, so memory grows linearly with the length. On a mesh, the batch is
+        padded to a multiple of the data axis, as generate does.
         """
-        ids = np.asarray(input_ids)
-        if ids.ndim != 2 or ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be [batch, length] with length >= 1, "
-                             f"got shape {ids.shape}")
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"input_ids must be integers, got {ids.dtype}")
-        mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask)
-        if mask.shape != ids.shape:
-            raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
+        return self._run(input_ids, attention_mask, inputs_embeds, hooks, ())[0]
+
+    def run_with_cache(self, input_ids: Sequence[Sequence[int]] | np.ndarray | jax.Array
+                       | None = None,
+                       attention_mask: Sequence[Sequence[int]] | np.ndarray | jax.Array
+                       | None = None, *, inputs_embeds: np.ndarray | jax.Array | None = None,
+                       names: Sequence[str] | str | None = None,
+                       layers: Sequence[int] | None = None,
+                       hooks: dict[str, Hook] | None = None,
+                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(logits, cache): `logits` as returns, and the activations at the named points
+        (phi3_jax.hooks), in the caller's layout: [B, T, ...] ([B, N, T, T] for attn.probs),
+        zero at padding.
+
+        names: point names, local ("resid_post", "attn.probs": taken at each of `layers`) or
+        full ("layers.3.attn.q", "embed", "final_norm"); default every point except attn.probs.
+        layers: layer indices for local names (default all). Only the asked-for points are
+        kept; attn.probs makes its layers alone take the reference attention ([B, N, T, T]
+        scores). Values are after any hook at the same point.
+        """
+        capture = capture_names(self.config.num_hidden_layers, names, layers)
+        return self._run(input_ids, attention_mask, inputs_embeds, hooks, capture)
+
+    def score(self, contexts: Sequence[str] | str, continuations: Sequence[str] | str,
+              **kwargs: Any) -> list[Any]:
+        """Each continuation's per-token logprobs after its context, their total, and whether
+        it is the greedy continuation (a phi3_jax.scoring.Score each). Tokenized as
+        lm-evaluation-harness's HF backend does: the whole string, split after the context.
+        Keywords: batch_size, progress, hooks."""
+        from phi3_jax import scoring
+
+        return scoring.score(self, contexts, continuations, **kwargs)
+
+    def loglikelihood_rolling(self, texts: Sequence[str] | str, window: int | None = None,
+                              **kwargs: Any) -> list[float]:
+        """Each text's total logprob, scored in disjoint windows of at most `window` tokens
+        (default: the context), as lm-eval's loglikelihood_rolling. Keywords: batch_size,
+        progress, hooks."""
+        from phi3_jax import scoring
+
+        return scoring.loglikelihood_rolling(self, texts, window=window, **kwargs)
+
+    def perplexity(self, texts: Sequence[str] | str, window: int | None = None,
+                   **kwargs: Any) -> float:
+        """exp(-mean token logprob) over the texts (scored as loglikelihood_rolling)."""
+        from phi3_jax import scoring
+
+        return scoring.perplexity(self, texts, window=window, **kwargs)
+
+    def _run(self, input_ids, attention_mask, inputs_embeds, hooks, capture):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is not None:
+            embeds = np.asarray(inputs_embeds)
+            D = self.config.hidden_size
+            if embeds.ndim != 3 or embeds.shape[1] == 0 or embeds.shape[2] != D:
+                raise ValueError(f"inputs_embeds must be [batch, length, {D}] with length "
+                                 f">= 1, got shape {embeds.shape}")
+            shape = embeds.shape[:2]
+        else:
+            ids = np.asarray(input_ids)
+            if ids.ndim != 2 or ids.shape[1] == 0:
+                raise ValueError(f"input_ids must be [batch, length] with length >= 1, "
+                                 f"got shape {ids.shape}")
+            if not np.issubdtype(ids.dtype, np.integer):
+                raise ValueError(f"input_ids must be integers, got {ids.dtype}")
+            shape = ids.shape
+        mask = np.ones(shape, bool) if attention_mask is None else np.asarray(attention_mask)
+        if mask.shape != shape:
+            raise ValueError(f"attention_mask shape {mask.shape} != input shape {shape}")
         mask = mask.astype(bool)
-        check_token_ids(ids[mask], self.config.vocab_size)
-        B, T = ids.shape
+        if inputs_embeds is None:
+            check_token_ids(ids[mask], self.config.vocab_size)
+        if hooks:
+            check_names(hooks, self.config.num_hidden_layers)
+        B, T = shape
         lengths = mask.sum(axis=1).astype(np.int32)
         if lengths.max() > self.config.max_position_embeddings:
             raise ValueError(f"a row has {lengths.max()} tokens, more than the model's "
                              f"max_position_embeddings ({self.config.max_position_embeddings})")
         # A token's position is its rank among its row's tokens, which is also its slot once the
         # row is packed; bucketing the length bounds recompiles (the extra slots are padding).
+        # On a mesh, empty rows (length 0) pad the batch to a multiple of the data axis.
+        Bp = B if self.mesh is None else -(-B // self._data_size()) * self._data_size()
         slots = np.where(mask, np.cumsum(mask, axis=1) - 1, -1).astype(np.int32)
         Tb = bucket_length(T)
-        tokens = np.zeros((B, Tb), np.int32)
-        out_slots = np.full((B, Tb), -1, np.int32)
-        out_slots[:, :T] = slots
+        out_slots = np.full((Bp, Tb), -1, np.int32)
+        out_slots[:B, :T] = slots
         rows, cols = np.nonzero(mask)
-        tokens[rows, slots[rows, cols]] = ids[rows, cols]
+        tokens = embeds_packed = None
+        if inputs_embeds is None:
+            tokens = np.zeros((Bp, Tb), np.int32)
+            tokens[rows, slots[rows, cols]] = ids[rows, cols]
+        else:
+            embeds_packed = np.zeros((Bp, Tb, embeds.shape[2]), self.dtype)
+            embeds_packed[rows, slots[rows, cols]] = embeds[rows, cols]
+        lengths = np.concatenate([lengths, np.zeros(Bp - B, np.int32)])
         # Data-parallel over a mesh: the same host value on every process.
-        arrays = (sharding.put_batch(a, self.mesh) for a in (tokens, lengths, out_slots))
-        return _forward(self.graph, self.params, *arrays)[:, :T]
+        arrays = [None if a is None else sharding.put_batch(a, self.mesh)
+                  for a in (tokens, embeds_packed, lengths, out_slots)]
+        logits, captured = _forward(self.graph, self.params, *arrays, hooks,
+                                    capture=tuple(capture))
+        return logits[:B, :T], {name: _cut(v, name, B, T) for name, v in captured.items()}
+
+    def _data_size(self) -> int:
+        return sharding.axis_size(self.mesh, sharding.RULES["batch"])
 
     def generate(self, prompts: Any, settings: GenerationSettings | None = None,
                  **kwargs: Any) -> list[Completion]:
@@ -135,7 +258,7 @@ class Phi3:
     def engine(self, **kwargs: Any) -> Engine:
         """An inference engine on this model (continuous batching, requests submitted at any
         time); see phi3_jax.engine.Engine for max_slots, max_len, prefill_chunk, decode_steps,
-        max_logprobs and max_queue."""
+        max_logprobs, max_queue and hooks."""
         return Engine(self, **kwargs)
 
 

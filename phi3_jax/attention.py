@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +52,7 @@ from phi3_jax.cache import CacheUpdate
 from phi3_jax.cache import read as cache_read
 from phi3_jax.cache import write as cache_write
 from phi3_jax.config import Phi3Config
+from phi3_jax.hooks import PROBS, Taps, tap, wants
 from phi3_jax.params import Einsum
 from phi3_jax.rope import apply_rotary
 
@@ -76,8 +78,13 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, sliding_window: int | Non
     return visible
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """q [B, T, K, G, H], k and v [B, S, K, H], mask [B, T, S] -> [B, T, K, G, H]."""
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                          probs_tap: Callable[[jax.Array], jax.Array] | None = None,
+                          ) -> jax.Array:
+    """q [B, T, K, G, H], k and v [B, S, K, H], mask [B, T, S] -> [B, T, K, G, H].
+
+    probs_tap: sees (and may replace) the probabilities as [B, N, T, S], query head
+    n = k * G + g (phi3_jax.hooks' attn.probs point)."""
     scale = q.shape[-1] ** -0.5
     # fp32 island, as in the reference's eager softmax: scores are accumulated and normalised in
     # fp32, and the probabilities cast back to the activation dtype before multiplying V.
@@ -85,6 +92,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     # A finite fill (not -inf) keeps fully masked rows (padding queries) finite instead of NaN.
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    if probs_tap is not None:
+        B, K, G, T, S = probs.shape
+        probs = probs_tap(probs.reshape(B, K * G, T, S)).reshape(B, K, G, T, S)
     return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
 
 
@@ -445,7 +455,9 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
                  kv: tuple[jax.Array, jax.Array] | None = None,
                  update: CacheUpdate | None = None, lengths: jax.Array | None = None,
-                 paths: Kernels | None = None,
+                 paths: Kernels | None = None, taps: Taps | None = None,
+                 positions: jax.Array | None = None,
+                 captured: dict[str, jax.Array] | None = None,
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """x [B, T, D]; cos/sin [B, T, d]; mask [B, T, S] (S: the keys attention reads).
 
@@ -457,14 +469,29 @@ class Attention(nnx.Module):
         where `update` says, and otherwise attention reads the cache's first update.read_len
         slots (a decode step, or a later prompt chunk). `paths` defaults to
         choose_kernels("auto", x.dtype).
+
+        `taps` (phi3_jax.hooks): the layer's hooks and captures at the attn.* points, given
+        the tokens' `positions` [B, T]; captured values go into `captured`. Hooks on k and v
+        act before the cache write, so the cache holds what they made. Tapping attn.probs
+        takes the reference attention (dot_product_attention), which has them.
         """
         B, T, _ = x.shape
         paths = paths if paths is not None else choose_kernels("auto", x.dtype)
         qkv = self.qkv_proj(x)  # [B, T, K, G + 2, H]
-        G = qkv.shape[3] - 2
+        K, G = qkv.shape[2], qkv.shape[3] - 2
         q = apply_rotary(qkv[:, :, :, :G], cos, sin)  # [B, T, K, G, H]
         k = apply_rotary(qkv[:, :, :, G], cos, sin)  # [B, T, K, H]
         v = qkv[:, :, :, G + 1]  # [B, T, K, H]
+        if taps is not None:
+            H = q.shape[-1]
+            q = tap(taps, "attn.q", q.reshape(B, T, K * G, H), positions, captured)
+            q = q.reshape(B, T, K, G, H)
+            k = tap(taps, "attn.k", k, positions, captured)
+            v = tap(taps, "attn.v", v, positions, captured)
+        probs_tap = None
+        if wants(taps, PROBS):
+            def probs_tap(p):
+                return tap(taps, PROBS, p, positions, captured)
         if lengths is not None:
             # Padding slots hold zeros: never NaN, whatever a kernel leaves in padding rows.
             valid = (jnp.arange(T)[None, :] < lengths[:, None])[:, :, None, None]
@@ -473,7 +500,9 @@ class Attention(nnx.Module):
             kv = cache_write(*kv, k, v, update)
         if kv is None or update.read_len == 0:
             block = prefill_block(T)
-            if lengths is not None and paths.prefill == "cudnn":
+            if probs_tap is not None:
+                out = dot_product_attention(q, k, v, mask, probs_tap)
+            elif lengths is not None and paths.prefill == "cudnn":
                 out = causal_attention(q, k, v, lengths, self.sliding_window)
             elif lengths is not None and paths.prefill == "blocked" and block is not None:
                 out = blocked_causal_attention(q, k, v, lengths, self.sliding_window, block)
@@ -482,7 +511,9 @@ class Attention(nnx.Module):
         else:
             k, v = cache_read(*kv, update)  # [B, read_len, K, H]
             block = prefill_block(update.read_len)
-            if T == 1 and paths.decode == "matmul":
+            if probs_tap is not None:
+                out = dot_product_attention(q, k, v, mask, probs_tap)
+            elif T == 1 and paths.decode == "matmul":
                 out = decode_attention(q, k, v, mask)
             elif T > 1 and paths.prefill != "xla" and block is not None:
                 out = blocked_cached_attention(q, k, v, update.starts, self.sliding_window,
@@ -490,6 +521,7 @@ class Attention(nnx.Module):
             else:
                 out = dot_product_attention(q, k, v, mask)
         out = out.reshape(B, T, -1, out.shape[-1])  # [B, T, N, H]
+        out = tap(taps, "attn.heads", out, positions, captured)
         if B * T == 1 and paths.two_row_gemv:
             # XLA's GPU simplifier turns a vector-matrix product whose operands hold under 10M
             # elements into a multiply + column reduction: Phi-3-mini's 3072 x 3072 o_proj ran

@@ -13,6 +13,7 @@ COMMAND_MODULES = (
     "phi3_jax.demo",
     "phi3_jax.generate_cli",
     "phi3_jax.server.cli",
+    "phi3_jax.score_cli",
     "convert.cli",
     "phi3_jax.train.cli",
 )

@@ -19,6 +19,7 @@ from phi3_jax.engine.request import as_prompt_list, check_prompt_fits, encode_pr
 
 if TYPE_CHECKING:
     from phi3_jax.api import Phi3
+    from phi3_jax.hooks import Hook
 
 MAX_SLOTS = 16  # the engine generate() builds: at most this many rows decode together
 DECODE_STEPS = 32  # decode steps per device call when nothing waits
@@ -40,6 +41,7 @@ def generate(model: Phi3, prompts: Any, settings: GenerationSettings | None = No
              stream: Callable[[StreamChunk], None] | None = None,
              max_slots: int | None = None,
              compilation_cache: str | os.PathLike | None = None,
+             hooks: dict[str, Hook] | None = None,
              **kwargs: Any) -> list[Completion]:
     """Generates a continuation for each prompt; returns one Completion per prompt, in order.
 
@@ -52,6 +54,8 @@ def generate(model: Phi3, prompts: Any, settings: GenerationSettings | None = No
     fresh seed per prompt.
     stream: called with each StreamChunk as tokens arrive.
     max_slots: rows decoding together (default: the number of prompts, at most MAX_SLOTS).
+    hooks: phi3_jax.hooks at named points ({"layers.3.resid_post": add(v)}), applied at every
+    prompt and generated token; new hook values compile nothing.
     """
     settings = GenerationSettings.from_kwargs(settings, **kwargs)
     resolved = settings.resolve(model.generation_config)
@@ -73,7 +77,7 @@ def generate(model: Phi3, prompts: Any, settings: GenerationSettings | None = No
         slots = -(-slots // data) * data
     engine = Engine(model, max_slots=slots, max_len=max_len,
                     decode_steps=DECODE_STEPS if stream is None else 1,
-                    compilation_cache=compilation_cache)
+                    compilation_cache=compilation_cache, hooks=hooks)
     requests = [engine.submit(row, settings) for row in ids]
     index = {r.request_id: i for i, r in enumerate(requests)}
     while engine.has_work():

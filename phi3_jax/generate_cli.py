@@ -132,7 +132,7 @@ def _run_batch(model: Phi3, args: argparse.Namespace, records: list[tuple[int, d
     for number, record in records:
         try:
             ids = (tokenizer.encode(record["prompt"]) if "prompt" in record
-                   else tokenizer.encode_chat(record["messages"]))
+                   else tokenizer.encode_chat(record["messages"], add_generation_prompt=True))
             check_prompt_fits(model.config, ids)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{args.input} line {number}: {e}") from None

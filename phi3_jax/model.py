@@ -15,6 +15,8 @@ G query heads per kv head, H head dim, F ffn, V vocab, C the gate/up pair.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -24,6 +26,7 @@ from phi3_jax.attention import Attention, Kernels, attention_mask, choose_kernel
 from phi3_jax.cache import CacheUpdate, KVCache
 from phi3_jax.cache import key_positions as cache_key_positions
 from phi3_jax.config import Phi3Config
+from phi3_jax.hooks import FINAL_NORM, Hook, full_names, split_taps, tap
 from phi3_jax.mlp import MLP
 from phi3_jax.norm import RMSNorm
 from phi3_jax.params import param
@@ -57,16 +60,25 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = MLP(config, dtype, rngs)
 
-    def __call__(self, x, cos, sin, mask, kv=None, update=None, lengths=None, paths=None):
+    def __call__(self, x, cos, sin, mask, kv=None, update=None, lengths=None, paths=None,
+                 taps=None, positions=None):
+        """(x, kv, captured): `taps` (phi3_jax.hooks.Taps or None) hooks and captures this
+        layer's points at the tokens' `positions`; captured maps local point names to values."""
+        captured = {}
+        x = tap(taps, "resid_pre", x, positions, captured)
         h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, update, lengths,
-                               paths)
-        x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, kv
+                               paths, taps, positions, captured)
+        h = tap(taps, "attn_out", h, positions, captured)
+        x = tap(taps, "resid_mid", x + h, positions, captured)
+        h = tap(taps, "mlp_out", self.mlp(self.post_attention_layernorm(x)), positions,
+                captured)
+        x = tap(taps, "resid_post", x + h, positions, captured)
+        return x, kv, captured
 
 
-def _layer(graphdef, state, x, cos, sin, mask, kv, update, lengths, paths):
-    return nnx.merge(graphdef, state)(x, cos, sin, mask, kv, update, lengths, paths)
+def _layer(graphdef, state, x, cos, sin, mask, kv, update, lengths, paths, taps, positions):
+    return nnx.merge(graphdef, state)(x, cos, sin, mask, kv, update, lengths, paths, taps,
+                                      positions)
 
 
 # Every layer has the same graphdef and input shapes, so jax traces a model call's layer once
@@ -112,39 +124,67 @@ class Phi3ForCausalLM(nnx.Module):
     def head(self) -> Embedding:
         return self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
 
-    def hidden_states(self, tokens: jax.Array, positions: jax.Array,
+    def hidden_states(self, tokens: jax.Array | None, positions: jax.Array,
                       cache: KVCache | None = None, update: CacheUpdate | None = None,
                       use_long: jax.Array | None = None,
-                      prefill_lengths: jax.Array | None = None,
+                      prefill_lengths: jax.Array | None = None, *,
+                      inputs_embeds: jax.Array | None = None,
+                      hooks: Mapping[str, Hook] | None = None,
                       ) -> tuple[jax.Array, KVCache | None]:
-        """The final normed hidden states [B, T, D]; see __call__ for the other arguments.
+        """The final normed hidden states [B, T, D]; see `activations` for the arguments."""
+        x, cache, _ = self.activations(tokens, positions, cache, update, use_long,
+                                       prefill_lengths, inputs_embeds=inputs_embeds,
+                                       hooks=hooks)
+        return x, cache
+
+    def activations(self, tokens: jax.Array | None, positions: jax.Array,
+                    cache: KVCache | None = None, update: CacheUpdate | None = None,
+                    use_long: jax.Array | None = None,
+                    prefill_lengths: jax.Array | None = None, *,
+                    inputs_embeds: jax.Array | None = None,
+                    hooks: Mapping[str, Hook] | None = None, capture: Sequence[str] = (),
+                    ) -> tuple[jax.Array, KVCache | None, dict[str, jax.Array]]:
+        """(final normed hidden states [B, T, D], cache, captured); see __call__ for tokens,
+        positions, cache, update and use_long.
 
         `prefill_lengths` [B] declares right-padded rows (row b's positions are 0..len-1 at its
         first len slots, then -1), with no cache or an update that reads no cache (a prompt's
         first chunk): attention then reads only these tokens, through the fused causal kernel
         or the blocked attention where one applies.
+        `inputs_embeds` [B, T, D] replaces the token embeddings (tokens is then ignored).
+        `hooks` ({point name: phi3_jax.hooks.Hook}) replace values at named points and
+        `capture` (point names) returns them in `captured`, keyed by name; see phi3_jax.hooks.
+        Layers with neither run exactly the program they run without them.
         """
         config = self.config
         if use_long is None:
             # A row's length is its largest position + 1 (positions are per row, so padding
             # does not count), the quantity the reference compares with original_max.
             use_long = uses_long_factors(config, jnp.max(positions, axis=1) + 1)
-        x = self.model.embed_tokens(tokens, self.model.norm.weight.dtype)  # [B, T, D]
+        outer, layer_taps = split_taps(config.num_hidden_layers, hooks, capture)
+        outer_captured: dict[str, jax.Array] = {}
+        if inputs_embeds is None:
+            x = self.model.embed_tokens(tokens, self.model.norm.weight.dtype)
+        else:
+            x = inputs_embeds
+        x = tap(outer, "embed", x, positions, outer_captured)  # [B, T, D]
         cos, sin = rotary_tables(config, positions, use_long, x.dtype)
         if cache is not None and update.read_len > 0:
-            keys = cache_key_positions(update, tokens.shape[0])  # [B, read_len]
+            keys = cache_key_positions(update, x.shape[0])  # [B, read_len]
             mask = attention_mask(positions, keys, config.sliding_window)
         else:
             mask = attention_mask(positions, positions, config.sliding_window)
         paths = self.kernels
         call = _remat_layer if self.remat and cache is None else _traced_once_layer
-        new_k, new_v = [], []
+        new_k, new_v, layer_captured = [], [], []
         for i, layer in enumerate(self.model.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv = call(*nnx.split(layer), x, cos, sin, mask, kv, update, prefill_lengths,
-                         paths)
+            taps = layer_taps[i]
+            x, kv, got = call(*nnx.split(layer), x, cos, sin, mask, kv, update,
+                              prefill_lengths, paths, taps, None if taps is None else positions)
+            layer_captured.append(got)
             if kv is not None:
-                if tokens.shape[1] > 1:
+                if x.shape[1] > 1:
                     # The next layer waits for this layer's cache write. Unforced, XLA's GPU
                     # scheduler left every layer's write to the end of a prefill, holding all
                     # layers' keys and values at once: 22-30 KiB of temporaries per token per
@@ -153,23 +193,29 @@ class Phi3ForCausalLM(nnx.Module):
                     x, kv = jax.lax.optimization_barrier((x, kv))
                 new_k.append(kv[0])
                 new_v.append(kv[1])
-        x = self.model.norm(x)
+        x = tap(outer, FINAL_NORM, self.model.norm(x), positions, outer_captured)
         if cache is not None:
             cache = KVCache(k=tuple(new_k), v=tuple(new_v))
-        return x, cache
+        return x, cache, full_names(outer_captured, layer_captured)
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None,
-                 update: CacheUpdate | None = None, use_long: jax.Array | None = None,
+    def __call__(self, tokens: jax.Array | None, positions: jax.Array,
+                 cache: KVCache | None = None, update: CacheUpdate | None = None,
+                 use_long: jax.Array | None = None, *,
+                 inputs_embeds: jax.Array | None = None,
+                 hooks: Mapping[str, Hook] | None = None,
                  ) -> tuple[jax.Array, KVCache | None]:
-        """Logits [B, T, V] for token ids [B, T] at per-row positions [B, T] (-1 = padding).
+        """(logits [B, T, V], cache) for token ids [B, T] (or inputs_embeds [B, T, D]) at
+        per-row positions [B, T] (-1 = padding).
 
         Without a cache, the T tokens attend to each other (masked by their positions). With a
         cache, `update` (a phi3_jax.cache.CacheUpdate) says where the new tokens' keys and
         values go and which cached slots they attend to; the updated cache is returned.
         `use_long` [B] overrides the per-row LongRoPE choice (the "always long" policy, or a
-        prompt chunk whose whole prompt decides it).
+        prompt chunk whose whole prompt decides it). `hooks`: see phi3_jax.hooks.
+        For a pure function of the parameters, see phi3_jax.functional.forward.
         """
-        x, cache = self.hidden_states(tokens, positions, cache, update, use_long)
+        x, cache = self.hidden_states(tokens, positions, cache, update, use_long,
+                                      inputs_embeds=inputs_embeds, hooks=hooks)
         logits = self.head.attend(x)
         return logits, cache
 

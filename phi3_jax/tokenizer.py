@@ -130,10 +130,18 @@ class Tokenizer:
         return i
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
+        self, messages: Sequence[Mapping[str, Any]], *,
+        add_generation_prompt: bool | None = None,
     ) -> str:
         """Renders a conversation as prompt text, as `transformers`' `apply_chat_template(...,
-        tokenize=False)` does (whose `add_generation_prompt` defaults to False, though)."""
+        tokenize=False)` does. add_generation_prompt defaults to "the last turn is not the
+        assistant's": a chat ending in a user turn is a prompt (the assistant header follows),
+        one ending in an assistant turn is a finished conversation, rendered as transformers'
+        default (False) renders it."""
+        if add_generation_prompt is None:  # (malformed messages are refused by chat.render)
+            last = messages[-1] if isinstance(messages, list) and messages else None
+            add_generation_prompt = not (isinstance(last, Mapping)
+                                         and last.get("role") == "assistant")
         if self.chat_format is None:
             raise ValueError(
                 "this tokenizer has no chat_template and none of the Phi chat tokens "
@@ -147,10 +155,12 @@ class Tokenizer:
         )
 
     def encode_chat(
-        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
+        self, messages: Sequence[Mapping[str, Any]], *,
+        add_generation_prompt: bool | None = None,
     ) -> list[int]:
-        """Prompt ids of a conversation. Never adds a BOS of its own: the template writes one where
-        the model wants it, as with `apply_chat_template(..., tokenize=True)`."""
+        """Prompt ids of a conversation (add_generation_prompt as in apply_chat_template). Never
+        adds a BOS of its own: the template writes one where the model wants it, as with
+        `apply_chat_template(..., tokenize=True)`."""
         text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         return self.encode(text, add_bos=False)
 

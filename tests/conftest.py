@@ -134,6 +134,22 @@ def force_blocked(monkeypatch):
 
 
 @pytest.fixture
+def count_compiles():
+    """Counts XLA compilations (every jitted program, not only ours) while active."""
+    import jax
+
+    events = []
+
+    def listener(name, duration, **kwargs):
+        if name == "/jax/core/compile/backend_compile_duration":
+            events.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    yield events
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@pytest.fixture
 def hf_checkpoint(tmp_path):
     """Factory: hf_checkpoint(name="ckpt", seed=0, **config_overrides) -> folder path."""
     def make(name: str = "ckpt", **kwargs) -> pathlib.Path:

@@ -88,6 +88,20 @@ def test_phi4_mini_template_matches_transformers(tmp_path):
         )
 
 
+def test_generation_prompt_default_follows_the_last_turn(phi3, hf_phi3):
+    """Without add_generation_prompt, a chat ending in an assistant turn renders as transformers'
+    default (False) renders it; one ending in a user turn gets the assistant header (a
+    prompt), which transformers needs add_generation_prompt=True for."""
+    done = [SYSTEM, USER, ASSISTANT]
+    assert phi3.apply_chat_template(done) == hf_phi3.apply_chat_template(done, tokenize=False)
+    assert phi3.encode_chat(done) == phi3.encode_chat(done, add_generation_prompt=False)
+    prompt = [SYSTEM, USER]
+    assert phi3.apply_chat_template(prompt) == hf_phi3.apply_chat_template(
+        prompt, tokenize=False, add_generation_prompt=True)
+    assert phi3.apply_chat_template(done) != phi3.apply_chat_template(
+        done, add_generation_prompt=True)
+
+
 # --- built-in formats --------------------------------------------------------------------------
 
 
@@ -305,5 +319,6 @@ def test_a_long_chat_renders_within_the_bounds(phi3, hf_phi3):
     """1,000 turns (some 260 kB of prompt, ~30k steps): far inside the bounds, same text."""
     messages = [{"role": ("user", "assistant")[i % 2], "content": f"turn {i} " * 30}
                 for i in range(1000)]
+    # It ends in an assistant turn: both default to no generation prompt.
     assert phi3.apply_chat_template(messages) == hf_phi3.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True)
+        messages, tokenize=False)

@@ -49,6 +49,7 @@ from phi3_jax.engine.scheduler import Shapes, decode_steps, prefill_budget
 from phi3_jax.engine.settings import MAX_LOGPROBS, GenerationSettings, SettingsError
 from phi3_jax.engine.slots import MAX_STOP_IDS, NEVER, Slot, SlotTable
 from phi3_jax.engine.streaming import TextStream, final_text
+from phi3_jax.hooks import Hook, check_names
 from phi3_jax.sampling import RowSampling
 
 if TYPE_CHECKING:
@@ -70,15 +71,19 @@ class Engine:
     round trips; a finishing row idles until the call ends). max_logprobs: the most
     alternatives per token a request may ask for (every program computes that many).
     max_queue: the most requests waiting for a row (None: unbounded); past it submit raises
-    QueueFull.
+    QueueFull. hooks: phi3_jax.hooks applied to every request, at every prompt chunk and
+    decode step.
     """
 
     def __init__(self, model: Phi3, *, max_slots: int = 8, max_len: int | None = None,
                  prefill_chunk: int = 512, decode_steps: int = 8,
                  max_logprobs: int = MAX_LOGPROBS, max_queue: int | None = None,
                  buckets_per_octave: int = 2,
-                 compilation_cache: str | os.PathLike | None = None):
+                 compilation_cache: str | os.PathLike | None = None,
+                 hooks: dict[str, Hook] | None = None):
         config = model.config
+        if hooks:
+            check_names(hooks, config.num_hidden_layers)
         if max_len is None:
             max_len = min(config.max_position_embeddings, DEFAULT_MAX_LEN)
         if isinstance(max_len, int) and max_len > config.max_position_embeddings:
@@ -93,6 +98,9 @@ class Engine:
         if compilation_cache is not None:
             enable_compilation_cache(compilation_cache)
         self.model = model
+        # Applied at every prompt chunk and decode step of every request; their arrays are
+        # traced, so engines that differ only in a hook's values share their programs.
+        self.hooks = dict(hooks) if hooks else None
         self.shapes = Shapes(max_slots, max_len, prefill_chunk, decode_steps, max_logprobs,
                              buckets_per_octave)
         self.max_queue = max_queue
@@ -304,7 +312,7 @@ class Engine:
         self.cache, self.seen, drawn, prompt = programs.prefill(
             self.model.graph, self.model.params, self.cache, self.seen, np.int32(slot.index),
             tokens, np.int32(chunk.start), np.int32(chunk.count), np.bool_(slot.use_long),
-            next_ids, RowSampling(**s), slot.seeds[None], read_len=chunk.read_len,
+            next_ids, RowSampling(**s), slot.seeds[None], self.hooks, read_len=chunk.read_len,
             top_n=self.shapes.top_n, prompt_top_n=self.shapes.top_n if want_prompt else None,
             mesh=self.model.mesh)
         pending = _pending(out, slot.request)
@@ -341,7 +349,7 @@ class Engine:
         inputs = jax.tree.map(lambda a: sharding.put_batch(a, mesh), inputs)
         self.cache, self.seen, drawn = programs.decode(
             self.model.graph, self.model.params, self.cache, self.seen, inputs,
-            np.int32(steps), read_len=self.shapes.read_len(needed),
+            np.int32(steps), self.hooks, read_len=self.shapes.read_len(needed),
             max_steps=self.shapes.decode_steps, top_n=self.shapes.top_n, mesh=mesh)
         d = _host(drawn)
         for slot in rows:
@@ -427,7 +435,7 @@ class Engine:
                         programs.prefill.lower, model.graph, model.params, cache, seen,
                         np.int32(0), np.zeros((1, T), np.int32), np.int32(0), np.int32(1),
                         np.bool_(False), np.zeros((1, T), np.int32), _one_row_sampling(),
-                        np.zeros((1, 2), np.uint32), read_len=read_len,
+                        np.zeros((1, 2), np.uint32), self.hooks, read_len=read_len,
                         top_n=self.shapes.top_n, prompt_top_n=top, mesh=model.mesh))
             else:
                 arrays = self.table.decode_arrays(lambda s: {})
@@ -437,7 +445,7 @@ class Engine:
                 inputs = jax.tree.map(lambda a: sharding.put_batch(a, model.mesh), inputs)
                 jobs.append(functools.partial(
                     programs.decode.lower, model.graph, model.params, cache, seen, inputs,
-                    np.int32(1), read_len=shape[1], max_steps=self.shapes.decode_steps,
+                    np.int32(1), self.hooks, read_len=shape[1], max_steps=self.shapes.decode_steps,
                     top_n=self.shapes.top_n, mesh=model.mesh))
         workers = threads or min(len(jobs), os.cpu_count() or 1)
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:

@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 from phi3_jax import sampling, sharding
 from phi3_jax.cache import CacheUpdate, KVCache
 from phi3_jax.compilation import StaticGraph
+from phi3_jax.hooks import Hook
 from phi3_jax.sampling import RowSampling
 
 
@@ -79,8 +80,9 @@ def _constrain(cache: KVCache, mesh: Mesh | None) -> KVCache:
                    donate_argnames=("cache", "seen"))
 def prefill(graph: StaticGraph, params: nnx.State, cache: KVCache, seen: jax.Array,
             row: jax.Array, tokens: jax.Array, start: jax.Array, count: jax.Array,
-            use_long: jax.Array, next_ids: jax.Array, s: RowSampling, seeds: jax.Array, *,
-            read_len: int, top_n: int, prompt_top_n: int | None, mesh: Mesh | None,
+            use_long: jax.Array, next_ids: jax.Array, s: RowSampling, seeds: jax.Array,
+            hooks: dict[str, Hook] | None = None, *, read_len: int, top_n: int,
+            prompt_top_n: int | None, mesh: Mesh | None,
             ) -> tuple[KVCache, jax.Array, Drawn, Drawn | None]:
     """Runs one chunk of a prompt, tokens [1, T] at positions start .. start + count - 1, into
     cache row `row`, and draws the token after the chunk's last one (kept by the host only
@@ -91,6 +93,7 @@ def prefill(graph: StaticGraph, params: nnx.State, cache: KVCache, seen: jax.Arr
     the chunk attends to the row's first read_len slots, which hold the earlier chunks.
     next_ids [1, T]: the prompt token after each position (-1 past the prompt); with
     prompt_top_n set, their logprobs (and prompt_top_n alternatives) come back too.
+    hooks: the engine's phi3_jax.hooks (traced; None: none).
     """
     model = nnx.merge(graph.graphdef, params)
     T = tokens.shape[1]
@@ -100,7 +103,7 @@ def prefill(graph: StaticGraph, params: nnx.State, cache: KVCache, seen: jax.Arr
     update = CacheUpdate(starts=start[None], row=row, read_len=read_len)
     lengths = count[None] if read_len == 0 else None
     x, cache = model.hidden_states(tokens, positions, cache, update, use_long[None],
-                                   prefill_lengths=lengths)  # [1, T, D]
+                                   prefill_lengths=lengths, hooks=hooks)  # [1, T, D]
     # The row's seen tokens: cleared by the first chunk, then every chunk's tokens added.
     V = seen.shape[1]
     current = jnp.where(start == 0, False, jax.lax.dynamic_index_in_dim(seen, row, 0))  # [1, V]
@@ -121,8 +124,9 @@ def prefill(graph: StaticGraph, params: nnx.State, cache: KVCache, seen: jax.Arr
 @functools.partial(jax.jit, static_argnames=("graph", "read_len", "max_steps", "top_n", "mesh"),
                    donate_argnames=("cache", "seen"))
 def decode(graph: StaticGraph, params: nnx.State, cache: KVCache, seen: jax.Array,
-           inputs: DecodeInputs, steps: jax.Array, *, read_len: int, max_steps: int,
-           top_n: int, mesh: Mesh | None) -> tuple[KVCache, jax.Array, Drawn]:
+           inputs: DecodeInputs, steps: jax.Array, hooks: dict[str, Hook] | None = None, *,
+           read_len: int, max_steps: int, top_n: int, mesh: Mesh | None,
+           ) -> tuple[KVCache, jax.Array, Drawn]:
     """Up to `steps` (<= max_steps) decode steps over every row of the cache, on device.
 
     A row feeds its newest token and draws the next while it is running, has tokens left to
@@ -154,7 +158,8 @@ def decode(graph: StaticGraph, params: nnx.State, cache: KVCache, seen: jax.Arra
         # Rows that do not run feed position -1 (they see nothing) and write nowhere.
         fed = jnp.where(on, position, -1)
         update = CacheUpdate(starts=jnp.where(on, position, S), read_len=read_len)
-        logits, cache = model(token[:, None], fed[:, None], cache, update, inputs.use_long)
+        logits, cache = model(token[:, None], fed[:, None], cache, update, inputs.use_long,
+                              hooks=hooks)
         # The fed token joins the row's seen set (a prompt chunk drew it without adding it).
         seen = seen.at[jnp.arange(B), jnp.where(on, token, V)].set(True, mode="drop")
         drawn = _draw(logits[:, 0], seen, inputs.sampling, inputs.seeds, position + 1, top_n)

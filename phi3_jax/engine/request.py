@@ -205,7 +205,8 @@ def encode_prompt(tokenizer: Any, prompt: Any, what: str = "the prompt") -> list
     if tokenizer is None:
         raise ValueError("the model has no tokenizer (tokenizer.model or tokenizer.json), so "
                          "text prompts cannot be encoded; pass token ids")
-    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else tokenizer.encode_chat(prompt)
+    ids = (tokenizer.encode(prompt) if isinstance(prompt, str)
+           else tokenizer.encode_chat(prompt, add_generation_prompt=True))
     if not ids:
         raise ValueError(f"{what} is empty")
     return ids

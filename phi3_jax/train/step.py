@@ -32,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from phi3_jax import sharding
 from phi3_jax.attention import Kernels
 from phi3_jax.config import Phi3Config
+from phi3_jax.hooks import Hook
 from phi3_jax.model import Phi3ForCausalLM
 from phi3_jax.quantize import Quantization
 from phi3_jax.train.lora import LoRAConfig, LoRAParam, add_lora
@@ -174,14 +175,16 @@ def make_loss_fn(spec: ModelSpec) -> Callable:
     the blocked attention with its flash backward pass elsewhere from 512 tokens, so no
     [B, N, T, T] scores are stored for the backward pass. The head and loss go a chunk of
     positions at a time (head_loss_sum), so no [B, T, V] logits are stored either.
+    `hooks` (phi3_jax.hooks) act in the forward pass, and so in the gradient.
     """
-    def loss_fn(trainable: Params, frozen: Params | None, batch: dict) -> tuple[jax.Array, Any]:
+    def loss_fn(trainable: Params, frozen: Params | None, batch: dict,
+                hooks: dict[str, Hook] | None = None) -> tuple[jax.Array, Any]:
         cast = jax.tree.map(lambda p: p.astype(spec.compute_dtype), trainable)
         model = spec.module(cast, frozen)
         positions = batch["positions"]
         lengths = jnp.sum(positions >= 0, axis=1, dtype=jnp.int32)
-        x, _ = model.hidden_states(batch["input_ids"], positions,
-                                   prefill_lengths=lengths)  # [B, T, D]
+        x, _ = model.hidden_states(batch["input_ids"], positions, prefill_lengths=lengths,
+                                   hooks=hooks)  # [B, T, D]
         return head_loss_sum(x, model.head.attend, batch["labels"])
 
     return loss_fn
@@ -198,7 +201,9 @@ def all_finite(tree: Any) -> jax.Array:
 def make_train_step(spec: ModelSpec, optimizer: optax.GradientTransformation,
                     lr_schedule: optax.Schedule | None = None,
                     shardings: TrainState | None = None) -> Callable:
-    """The jitted step: (state, frozen, batch) -> (state, metrics). `state` is donated.
+    """The jitted step: (state, frozen, batch, hooks=None) -> (state, metrics). `state` is
+    donated; `hooks` (phi3_jax.hooks, e.g. a steering vector held fixed while fine-tuning) are
+    traced, so new values compile nothing.
 
     batch: input_ids, labels, positions, each [A, B, T] int32 (A micro-batches, accumulated).
     Rows are right-padded: positions 0..n-1 at a row's first n slots, then -1, as
@@ -212,16 +217,17 @@ def make_train_step(spec: ModelSpec, optimizer: optax.GradientTransformation,
     """
     grad_fn = jax.value_and_grad(make_loss_fn(spec), has_aux=True)
 
-    def step(state: TrainState, frozen: Params | None, batch: dict):
+    def step(state: TrainState, frozen: Params | None, batch: dict,
+             hooks: dict[str, Hook] | None = None):
         def micro(carry, mb):
             grads, total, count = carry
-            (loss_sum, n), g = grad_fn(state.params, frozen, mb)
+            (loss_sum, n), g = grad_fn(state.params, frozen, mb, hooks)
             grads = jax.tree.map(jnp.add, grads, g)
             return (grads, total + loss_sum, count + n), None
 
         if batch["input_ids"].shape[0] == 1:  # no accumulation: no fp32 gradient buffer
             (total, count), grads = grad_fn(state.params, frozen,
-                                            jax.tree.map(lambda x: x[0], batch))
+                                            jax.tree.map(lambda x: x[0], batch), hooks)
         else:
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
