@@ -122,6 +122,12 @@ class Phi3:
         config, graphdef, params = (fields.pop(k) for k in ("config", "graphdef", "params"))
         return Phi3(config, graphdef, params, **fields)
 
+    def embed(self, input_ids: Sequence[Sequence[int]] | np.ndarray | jax.Array) -> jax.Array:
+        """[B, T, D] the input embeddings of token ids [B, T], in the model's dtype (looked up
+        and dequantized when the table is quantized): what `inputs_embeds` stands in for."""
+        ids = jnp.asarray(input_ids, jnp.int32)
+        return self.module().model.embed_tokens(ids, self.dtype)
+
     def logits(self, input_ids: Sequence[Sequence[int]] | np.ndarray | jax.Array | None = None,
                attention_mask: Sequence[Sequence[int]] | np.ndarray | jax.Array | None = None,
                *, inputs_embeds: np.ndarray | jax.Array | None = None,
@@ -129,7 +135,7 @@ class Phi3:
         """[B, T, V] logits of a full forward pass, in the parameters' dtype.
 
         input_ids [B, T], or inputs_embeds [B, T, D] (vectors in the embedding space, e.g.
-        `model.params["model"]["embed_tokens"]["weight"][ids]`). With an attention_mask
+        `model.embed(ids)` edited). With an attention_mask
         (1 = token, 0 = padding; left or right padding), each row's positions count only its
         own tokens, so a row's logits equal those of the row alone; logits at padded positions
         are zero. `hooks` ({point name: Hook}, phi3_jax.hooks) replace values at named points;

@@ -106,6 +106,9 @@ def test_logits_equal_transformers_on_the_dequantized_weights(ckpt, tmp_path, sc
     assert np.abs(ours - theirs).max() <= TOL
     dense = np.asarray(phi3_jax.load(ckpt).logits(ids))
     assert np.abs(ours - dense).max() > 1e-4  # really quantized
+    # model.embed gives the (dequantized) vectors the ids stand for: the same logits.
+    embedded = np.asarray(model.logits(inputs_embeds=model.embed(ids)))
+    assert np.abs(embedded - ours).max() <= 1e-6 * np.abs(ours).max()
 
 
 def test_mesh_equals_one_device_and_scales_follow_their_weights(ckpt):
