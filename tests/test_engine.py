@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 
-import jax
 import numpy as np
 import pytest
 import torch
@@ -330,20 +329,6 @@ def test_chunks_and_program_shapes():
     assert ("prefill", 32, 100) in programs_  # a chunk from 96: its read is cut at max_len
     with pytest.raises(ValueError, match="power of two"):
         Shapes(4, 100, 24, 4, 0)
-
-
-@pytest.fixture
-def count_compiles():
-    """Counts XLA compilations (every jitted program, not only ours) while active."""
-    events = []
-
-    def listener(name, duration, **kwargs):
-        if name == "/jax/core/compile/backend_compile_duration":
-            events.append(name)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    yield events
-    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def test_no_compilation_after_warmup(tmp_path, count_compiles):

@@ -218,20 +218,6 @@ def test_sampling_is_reproducible_and_reuses_the_compiled_loop(longrope_model):
     assert programs.decode._cache_size() == size  # new numbers, same program
 
 
-@pytest.fixture
-def count_compiles():
-    """Counts XLA compilations (every jitted program, not only ours) while active."""
-    events = []
-
-    def listener(name, duration, **kwargs):
-        if name == "/jax/core/compile/backend_compile_duration":
-            events.append(name)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    yield events
-    jax.monitoring.unregister_event_duration_listener(listener)
-
-
 def test_graphdef_is_hashed_once_and_loads_share_programs(tmp_path, count_compiles,
                                                           monkeypatch):
     """jit hashes its static arguments on every call; the model's graphdef (a tree of every
