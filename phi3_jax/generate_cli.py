@@ -25,7 +25,7 @@ from phi3_jax.params import COMPUTE_DTYPES
 CHAT_HELP = "type a message and press Enter; /reset clears the history, /exit (or Ctrl-D) quits"
 
 
-def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=MODEL_DIR, metavar="DIR",
                    help="Hugging Face folder, phi3-jax Orbax checkpoint, GGUF file or "
                         "ollama:NAME[:TAG] (default: the embedded equation-solving model, see "
@@ -65,7 +65,7 @@ def _settings(args: argparse.Namespace, **extra: Any) -> GenerationSettings:
         seed=args.seed, stop=tuple(args.stop or ()), rope_policy=args.rope_policy, **extra)
 
 
-def _load(args: argparse.Namespace) -> Phi3:
+def load_model(args: argparse.Namespace) -> Phi3:
     from phi3_jax.gguf import is_gguf_source
 
     if not os.path.isdir(args.model) and not is_gguf_source(args.model):
@@ -94,7 +94,7 @@ def run_generate(args: argparse.Namespace) -> int:
     settings = _settings(args, logprobs=args.logprobs)  # checked before the model loads
     if args.input is not None:
         records = list(_read_jsonl(args.input))  # all lines checked before the model loads
-    model = _load(args)
+    model = load_model(args)
     if args.input is not None:
         return _run_batch(model, args, records, settings)
     tokenizer = _needs_tokenizer(model)
@@ -146,7 +146,7 @@ def _run_batch(model: Phi3, args: argparse.Namespace, records: list[tuple[int, d
     results: dict[int, Any] = {}
     submitted = written = tokens = 0
     start = time.perf_counter()
-    out = _AtomicOutput(args.output)
+    out = AtomicOutput(args.output)
     with out, tqdm(total=len(prompts), unit="prompt", desc="generating", file=sys.stderr) as bar:
         while written < len(prompts):
             # Keep the queue a few slots deep: a million prompts need not all be in memory.
@@ -183,7 +183,7 @@ def _logprob_json(tokenizer: Any, lp: TokenLogprob) -> dict:
             "top_logprobs": [{"token": token(i), "id": i, "logprob": v} for i, v in lp.top]}
 
 
-class _AtomicOutput:
+class AtomicOutput:
     """Lines written to a temporary file next to `path`, renamed over it at the end: never a
     half-written output. Without a path, lines go to stdout as they come."""
 
@@ -191,7 +191,7 @@ class _AtomicOutput:
         self.path = path
         self.file = None
 
-    def __enter__(self) -> _AtomicOutput:
+    def __enter__(self) -> AtomicOutput:
         if self.path is not None:
             folder = os.path.dirname(os.path.abspath(self.path))
             fd, self.tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".jsonl")
@@ -216,7 +216,7 @@ class _AtomicOutput:
 
 def run_chat(args: argparse.Namespace) -> int:
     textio.check_utf8_arguments(args, "system", "stop")
-    model = _load(args)
+    model = load_model(args)
     _needs_tokenizer(model)
     interactive = sys.stdin.isatty()
     start = [{"role": "system", "content": args.system}] if args.system else []
@@ -260,7 +260,7 @@ def run_chat(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
@@ -270,7 +270,7 @@ def _positive(text: str) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text for a prompt or a JSONL file of prompts",
                        description="Greedy by default; sampling with --temperature > 0.")
-    _add_model_arguments(p)
+    add_model_arguments(p)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", metavar="TEXT")
     source.add_argument("--input", metavar="FILE.jsonl",
@@ -279,7 +279,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                              '"completion"')
     p.add_argument("--output", metavar="FILE.jsonl", default=None,
                    help="with --input: where to write (default: stdout)")
-    p.add_argument("--max-slots", type=_positive, default=16, metavar="N",
+    p.add_argument("--max-slots", type=positive_int, default=16, metavar="N",
                    help="with --input: prompts decoding together (KV-cache rows; default 16)")
     p.add_argument("--logprobs", type=int, default=None, metavar="N",
                    help="with --input: add each new token's logprob and N alternatives")
@@ -293,7 +293,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     c = sub.add_parser("chat", help="interactive multi-turn chat (reads stdin)",
                        description=f"Reads one message per line; {CHAT_HELP}.")
-    _add_model_arguments(c)
+    add_model_arguments(c)
     c.add_argument("--system", metavar="TEXT", default=None, help="system message")
     _add_sampling_arguments(c)
     c.set_defaults(func=run_chat)

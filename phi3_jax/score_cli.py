@@ -15,7 +15,7 @@ import math
 import os
 
 from phi3_jax import jsonl, scoring, textio
-from phi3_jax.generate_cli import _add_model_arguments, _AtomicOutput, _load, _positive
+from phi3_jax.generate_cli import AtomicOutput, add_model_arguments, load_model, positive_int
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             raise ValueError(f"{args.input} line {number}: expected {{\"context\", "
                              f"\"continuation\"}} or {{\"text\"}}")
-    model = _load(args)
+    model = load_model(args)
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files; scoring text needs them")
     options = dict(batch_size=args.batch_size, progress=not args.no_progress)
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     scores = iter(scoring.score(model, [c for c, _ in pairs], [k for _, k in pairs],
                                 **options) if pairs else [])
     rolling = iter(_rolling(model, texts, args.window, options) if texts else [])
-    with _AtomicOutput(args.output) as out:
+    with AtomicOutput(args.output) as out:
         for _, record in records:
             if "text" in record:
                 total, n = next(rolling)
@@ -87,13 +87,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("score", help="loglikelihoods and perplexity of text",
                        description=__doc__.split("\n\n", 1)[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_model_arguments(p)
+    add_model_arguments(p)
     p.add_argument("--input", required=True, metavar="FILE",
                    help="a text file, or FILE.jsonl of {context, continuation} / {text} lines")
     p.add_argument("--output", metavar="FILE.jsonl", default=None,
                    help="with a JSONL input: where to write (default: stdout)")
-    p.add_argument("--batch-size", type=_positive, default=16, metavar="N")
-    p.add_argument("--window", type=_positive, default=None, metavar="N",
+    p.add_argument("--batch-size", type=positive_int, default=16, metavar="N")
+    p.add_argument("--window", type=positive_int, default=None, metavar="N",
                    help="rolling window in tokens (default: the model's context)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=run)

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Iterator
 
 from phi3_jax.embedded import MODEL_DIR
-from phi3_jax.generate_cli import _add_model_arguments, _load, _positive
+from phi3_jax.generate_cli import add_model_arguments, load_model, positive_int
 from phi3_jax.server import MAX_BODY
 
 EMBEDDED_NAME = "phi3-jax-embedded"
@@ -41,7 +41,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host) and args.api_key is None:
         print(f"phi3-jax serve: warning: listening on {args.host} without --api-key: anyone "
               f"who can reach this address can use the model", file=sys.stderr)
-    model = _load(args)
+    model = load_model(args)
     engine = model.engine(max_slots=args.max_slots, max_len=args.max_len,
                           max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
                           decode_steps=args.decode_steps,
@@ -137,7 +137,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve the model over HTTP (OpenAI-compatible API)",
                        description="An OpenAI-compatible server: /v1/completions, "
                                    "/v1/chat/completions, /v1/models, /health, /metrics.")
-    _add_model_arguments(p)
+    add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
@@ -147,26 +147,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the model's name in the API (default: the folder's name)")
     g = p.add_argument_group("engine")
-    g.add_argument("--max-slots", type=_positive, default=16, metavar="N",
+    g.add_argument("--max-slots", type=positive_int, default=16, metavar="N",
                    help="requests decoding together (KV-cache rows; default 16)")
-    g.add_argument("--max-len", type=_positive, default=None, metavar="L",
+    g.add_argument("--max-len", type=positive_int, default=None, metavar="L",
                    help="tokens per request, prompt included (default: the model's context, "
                         "at most 4096)")
     g.add_argument("--max-queue", type=int, default=256, metavar="Q",
                    help="requests waiting for a row; past it the server answers 429 "
                         "(default 256)")
-    g.add_argument("--prefill-chunk", type=_positive, default=512, metavar="T",
+    g.add_argument("--prefill-chunk", type=positive_int, default=512, metavar="T",
                    help="longest prompt chunk per call, a power of two (default 512)")
-    g.add_argument("--decode-steps", type=_positive, default=8, metavar="K",
+    g.add_argument("--decode-steps", type=positive_int, default=8, metavar="K",
                    help="decode steps per device call while nothing waits (default 8)")
-    g.add_argument("--buckets-per-octave", type=_positive, default=2, metavar="B",
+    g.add_argument("--buckets-per-octave", type=positive_int, default=2, metavar="B",
                    help="length buckets per octave for prompt chunks and cache reads: more "
                         "waste less compute, fewer build fewer programs (default 2)")
     s = p.add_argument_group("server")
     s.add_argument("--grace", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM or Ctrl-C, how long requests in flight may take to finish "
                         "before they are cancelled (default 30)")
-    s.add_argument("--max-body-bytes", type=_positive, default=MAX_BODY, metavar="BYTES",
+    s.add_argument("--max-body-bytes", type=positive_int, default=MAX_BODY, metavar="BYTES",
                    help=f"largest request body (default {MAX_BODY}); larger ones get 413")
     s.add_argument("--log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug"])
