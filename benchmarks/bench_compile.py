@@ -133,7 +133,6 @@ def trace_only(raw: dict, workload: list, new: int, repeats: int) -> list[dict]:
     from phi3_jax.config import Phi3Config
     from phi3_jax.engine import programs
     from phi3_jax.engine.scheduler import Shapes
-    from phi3_jax.engine.settings import MAX_LOGPROBS
     from phi3_jax.model import abstract_model
 
     config = Phi3Config.from_hf(dict(raw, model_type="phi3"))
@@ -144,12 +143,11 @@ def trace_only(raw: dict, workload: list, new: int, repeats: int) -> list[dict]:
         # generate()'s engine for n prompts of prompt_len tokens.
         B = min(1 << (n - 1).bit_length(), gen.MAX_SLOTS)
         S = bucket_length(prompt_len + new)
-        shapes = Shapes(B, S, 512, gen.DECODE_STEPS, MAX_LOGPROBS)
+        shapes = Shapes(B, S, 512, gen.DECODE_STEPS, 0)  # no logprobs asked for
         chunk = shapes.chunks(prompt_len)[0]
-        prefill = calls.abstract_prefill(model, B, chunk.T, S, top_n=MAX_LOGPROBS)
+        prefill = calls.abstract_prefill(model, B, chunk.T, S)
         decode = calls.abstract_decode(model, B, S, gen.DECODE_STEPS,
-                                       read_len=shapes.read_len(prompt_len + new),
-                                       top_n=MAX_LOGPROBS).call_args()
+                                       read_len=shapes.read_len(prompt_len + new)).call_args()
         for name, fn, (args, kwargs) in (("prefill", programs.prefill, prefill),
                                          ("decode", programs.decode, decode)):
             best = None

@@ -247,7 +247,7 @@ def run_jax(raw: dict, cases: list, deadline: float) -> None:
                 # cache length, its first-chunk bucket, its read length and logprob width.
                 P = ctx - NEW
                 engine = Engine(model, max_slots=batch, max_len=bucket_length(P + NEW),
-                                decode_steps=STEPS)
+                                decode_steps=STEPS, max_logprobs=0)  # none asked for
                 (chunk,) = engine.shapes.chunks(P)
                 t = time.perf_counter()
                 cache, seen, first = calls.prefill_rows(model, engine.cache, engine.seen,

@@ -101,8 +101,13 @@ def choose(logits: jax.Array, seen: jax.Array, s: RowSampling, keys: jax.Array) 
     softmax(scores) with the row's own key."""
     scores = process(logits, seen, s)
     greedy = jnp.argmax(scores, axis=-1).astype(jnp.int32)
-    drawn = jax.vmap(jax.random.categorical)(keys, scores).astype(jnp.int32)
-    return jnp.where(s.temperature > 0, drawn, greedy)
+    sampled = s.temperature > 0
+    # A draw makes random bits for the whole vocabulary: only when some row samples.
+    drawn = jax.lax.cond(
+        sampled.any(),
+        lambda: jax.vmap(jax.random.categorical)(keys, scores).astype(jnp.int32),
+        lambda: greedy)
+    return jnp.where(sampled, drawn, greedy)
 
 
 def logprobs(logits: jax.Array, tokens: jax.Array,

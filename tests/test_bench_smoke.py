@@ -208,3 +208,39 @@ def test_bench_train_compile_only_tiny_run():
     assert [(r["mode"], r["loss_impl"]) for r in rows] == [
         ("full", "chunked"), ("full", "full"), ("lora", "chunked"), ("lora", "full")]
     assert all(r["temp_gib"] > 0 and "step_ms" not in r for r in rows)
+
+
+def test_bench_engine_occupancy_and_tiny_run(hf_checkpoint, tmp_path):
+    """bench_engine.py: its cache occupancy matches a case counted by hand (a row that has
+    finished holds no live tokens, in static batching too), and --tiny runs the three engines
+    over the whole workload."""
+    import argparse
+
+    import bench_engine
+
+    # Two rows of 23 slots (prompt + output of the longer request). Prompts of 20 and 12 tokens
+    # are prefilled in the first iteration, which draws each one's first token; then one decode
+    # call: row 0 feeds positions 20, 21 (holding 21, 22 tokens), row 1 positions 12..15
+    # (13..16 tokens). Steps: 21 + 13, 22 + 14, 15, 16 tokens of 46.
+    work = [dict(prompt=list(range(3, 23)), new=3, arrival=0.0),
+            dict(prompt=list(range(3, 15)), new=5, arrival=0.0)]
+    args = argparse.Namespace(checkpoint=str(hf_checkpoint(eos_token_id=None)), slots=2,
+                              prefill_chunk=16, decode_steps=8, buckets_per_octave=1,
+                              compilation_cache=str(tmp_path / "jax-cache"))
+    for static in (True, False):
+        row = bench_engine.run_phi3_jax(args, work, static=static)
+        assert row["max_len"] == 23 and row["decode_steps"] == 4 and row["tokens"] == 8
+        assert abs(row["occupancy"] - (34 + 36 + 15 + 16) / 4 / 46) < 1e-12
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_engine.py"), "--tiny"],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["engine"] for r in result["rows"]] == ["engine", "static", "transformers"]
+    for r in result["rows"]:
+        assert r["tokens"] == result["output_tokens"] and r["tok_s"] > 0
+        assert 0 < r["ttft_p50_ms"] <= r["ttft_p99_ms"]
+        assert (r["occupancy"] is None) == (r["engine"] == "transformers")
+        if r["occupancy"] is not None:
+            assert 0 < r["occupancy"] <= 1
