@@ -269,7 +269,7 @@ def test_sharded_blocked_prefill_matches_single_device(checkpoints, single, name
 
 # ---------------------------------------------------------------------------- errors
 
-def test_batch_that_does_not_divide_data_is_refused(checkpoints):
+def test_batch_that_does_not_divide_data_is_refused_or_padded(checkpoints):
     mesh = sharding.make_mesh("data=2,model=4")
     config = Phi3Config.from_hf(checkpoints["mha"])
     with pytest.raises(MeshError) as e:
@@ -278,10 +278,12 @@ def test_batch_that_does_not_divide_data_is_refused(checkpoints):
     assert "batch size 3 does not divide over the mesh's data axis (data=2)" in msg
     assert "multiple of 2 (e.g. 4)" in msg and "data=1,model=8" in msg
     assert "data=2,model=4" not in msg.split("divides 3:")[1]
-    model = phi3_jax.load(checkpoints["mha"], mesh=mesh)
-    with pytest.raises(MeshError, match="batch size 3"):
-        model.logits(np.ones((3, 4), np.int32))
     sharding.check_mesh_fits(config, mesh, batch=4)
+    # logits pads such a batch to the data axis (as generate does) instead of refusing it.
+    ids = np.arange(3, 15, dtype=np.int32).reshape(3, 4)
+    sharded = np.asarray(phi3_jax.load(checkpoints["mha"], mesh=mesh).logits(ids))
+    expected = np.asarray(phi3_jax.load(checkpoints["mha"]).logits(ids))
+    np.testing.assert_allclose(sharded, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
 def test_strict_refuses_heads_that_do_not_divide():
