@@ -3,14 +3,18 @@
 Workload (issue 14): N requests (512) with seeded prompt lengths, log-uniform over 16-512 tokens,
 and output lengths, log-uniform over 1-256 (long-tailed: half are under 16 tokens, a few run to
 256), fixed per request with eos ignored; they arrive as a Poisson process at `--rate` requests
-per second. One random checkpoint (made with transformers) serves three engines, each in a child
-process of its own, one after the other, each warmed up before its clock starts:
+per second: by default twice, the same requests at 64/s (faster than any engine serves them,
+so tokens/s is each engine's capacity and the queue grows) and at 4/s (a load all three keep
+up with on a quiet machine, where the latencies tell them apart). One random checkpoint (made
+with transformers) serves three engines, each in a child process of its own, one after the
+other, each warmed up before its clock starts:
 
 - "engine": phi3_jax's Engine with `--slots` rows, stepped by this script, which submits each
   request at its arrival time;
-- "static": the same Engine (same programs, same rows) run as static batching: fixed batches of
-  `--slots` requests in submission order, each started when the previous one has finished and its
-  own requests have arrived, and run to its longest row (nothing joins a running batch);
+- "static": the same Engine (same rows; every decode call runs all of them, as the old loop did:
+  bucket_rows off) run as static batching: fixed batches of `--slots` requests in submission
+  order, each started when the previous one has finished and its own requests have arrived,
+  and run to its longest row (nothing joins a running batch);
 - "transformers": transformers' continuous batching (`init_continuous_batching`: its paged
   cache and scheduler, SDPA on the CPU) with as many requests per batch, a cache of the same
   number of token slots, and each request's max_new_tokens; requests added at their arrival.
@@ -62,9 +66,9 @@ TINY_MODEL = dict(MODEL, vocab_size=256, hidden_size=64, intermediate_size=128,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=128)
 # The engine's settings are its defaults but for max_slots; --tiny's give it few programs.
-FULL = dict(requests=512, prompt=(16, 512), output=(1, 256), slots=16, rate=4.0,
+FULL = dict(requests=512, prompt=(16, 512), output=(1, 256), slots=16, rate=(64.0, 4.0),
             prefill_chunk=512, decode_steps=8, buckets_per_octave=2)
-TINY = dict(requests=16, prompt=(16, 24), output=(1, 8), slots=4, rate=50.0,
+TINY = dict(requests=16, prompt=(16, 24), output=(1, 8), slots=4, rate=(50.0,),
             prefill_chunk=16, decode_steps=4, buckets_per_octave=1)
 
 
@@ -170,26 +174,26 @@ def run_phi3_jax(args, work: list[dict], static: bool) -> dict:
     engine = model.engine(max_slots=args.slots, max_len=max_len, prefill_chunk=args.prefill_chunk,
                           decode_steps=args.decode_steps, max_logprobs=0,
                           buckets_per_octave=args.buckets_per_octave,
+                          bucket_rows=not static,  # the old loop ran every row to the end
                           compilation_cache=args.compilation_cache)
     t = time.perf_counter()
     programs_built = engine.warmup(prompt_logprobs=False)
     warmup_s = time.perf_counter() - t
     meter = OccupancyMeter(programs, args.slots, max_len)
     deliveries: list[list[tuple[float, int]]] = [[] for _ in work]
-    index: dict[str, int] = {}
     start = time.perf_counter()
 
     def submit(i: int) -> None:
+        def delivered(output) -> None:  # timed as the engine hands the output over
+            if output.token_ids:
+                deliveries[i].append((time.perf_counter() - start, len(output.token_ids)))
+
         w = work[i]
-        r = engine.submit(w["prompt"], max_new_tokens=w["new"], temperature=0.0, ignore_eos=True)
-        index[r.request_id] = i
+        engine.submit(w["prompt"], max_new_tokens=w["new"], temperature=0.0, ignore_eos=True,
+                      on_output=delivered)
 
     def step() -> None:
-        outputs = engine.step()
-        now = time.perf_counter() - start
-        for o in outputs:
-            if o.token_ids:
-                deliveries[index[o.request_id]].append((now, len(o.token_ids)))
+        engine.step()
 
     def wait_until(arrival: float) -> None:
         time.sleep(max(0.0, arrival - (time.perf_counter() - start)))
@@ -366,39 +370,46 @@ def main_throughput(args, tmp: str) -> dict:
     config = TINY_MODEL if args.tiny else MODEL
     checkpoint = os.path.join(tmp, "checkpoint")
     make_checkpoint(checkpoint, config)
-    work = make_workload(args.requests, shape["prompt"], shape["output"], args.rate,
-                         config["vocab_size"])
-    workload = os.path.join(tmp, "workload.json")
-    with open(workload, "w") as f:
-        json.dump(work, f)
-    common = ["--checkpoint", checkpoint, "--workload", workload, "--slots", str(args.slots),
+    common = ["--checkpoint", checkpoint, "--slots", str(args.slots),
               "--prefill-chunk", str(shape["prefill_chunk"]),
               "--decode-steps", str(shape["decode_steps"]),
               "--buckets-per-octave", str(shape["buckets_per_octave"]),
               "--compilation-cache", args.compilation_cache or os.path.join(tmp, "jax-cache")]
     loads = [os.getloadavg()[0]]
-    rows = []
-    print(f"{'engine':13} {'tok/s':>7} {'TTFT p50':>9} {'p99 ms':>8} {'ITL p50':>8} "
-          f"{'p99 ms':>7} {'occupancy':>9}", flush=True)
-    for name in args.engines:
-        row = dict(engine=name, **spawn(["--child", name, *common]))
-        loads.append(os.getloadavg()[0])
-        rows.append(row)
-        occ = "" if row["occupancy"] is None else f"{row['occupancy']:9.3f}"
-        print(f"{name:13} {row['tok_s']:7.1f} {row['ttft_p50_ms']:9.0f} {row['ttft_p99_ms']:8.0f} "
-              f"{row['itl_p50_ms']:8.1f} {row['itl_p99_ms']:7.1f} {occ}", flush=True)
-    by_name = {r["engine"]: r for r in rows}
-    ratios = {f"engine_over_{other}": by_name["engine"]["tok_s"] / by_name[other]["tok_s"]
-              for other in ("static", "transformers") if "engine" in by_name and other in by_name}
-    for k, v in ratios.items():
-        print(f"{k}: {v:.2f}x tokens/s")
+    rows, ratios = [], {}
+    print(f"{'engine':13} {'rate/s':>6} {'tok/s':>7} {'TTFT p50':>9} {'p99 ms':>8} "
+          f"{'ITL p50':>8} {'p99 ms':>7} {'occupancy':>9}", flush=True)
+    for rate in args.rate:
+        # The same requests at every rate (one seed): only their arrival times scale.
+        work = make_workload(args.requests, shape["prompt"], shape["output"], rate,
+                             config["vocab_size"])
+        workload = os.path.join(tmp, f"workload-{rate}.json")
+        with open(workload, "w") as f:
+            json.dump(work, f)
+        by_name = {}
+        for name in args.engines:
+            row = dict(engine=name, rate=rate,
+                       **spawn(["--child", name, "--workload", workload, *common]))
+            loads.append(os.getloadavg()[0])
+            rows.append(row)
+            by_name[name] = row
+            occ = "" if row["occupancy"] is None else f"{row['occupancy']:9.3f}"
+            print(f"{name:13} {rate:6g} {row['tok_s']:7.1f} {row['ttft_p50_ms']:9.0f} "
+                  f"{row['ttft_p99_ms']:8.0f} {row['itl_p50_ms']:8.1f} {row['itl_p99_ms']:7.1f} "
+                  f"{occ}", flush=True)
+        ratios[str(rate)] = {
+            f"engine_over_{other}": by_name["engine"]["tok_s"] / by_name[other]["tok_s"]
+            for other in ("static", "transformers") if "engine" in by_name and other in by_name}
+        for k, v in ratios[str(rate)].items():
+            print(f"rate {rate:g}/s {k}: {v:.2f}x tokens/s")
     tokens = [len(w["prompt"]) for w in work]
     return dict(bench="engine", tiny=args.tiny, model=config, requests=args.requests,
-                rate=args.rate, slots=args.slots, prefill_chunk=shape["prefill_chunk"],
+                rates=args.rate, slots=args.slots, prefill_chunk=shape["prefill_chunk"],
                 decode_steps=shape["decode_steps"],
                 buckets_per_octave=shape["buckets_per_octave"], prompt_tokens=sum(tokens),
-                output_tokens=sum(w["new"] for w in work), rows=rows, ratios=ratios,
-                loadavg_1m=loads, **machine())
+                output_tokens=sum(w["new"] for w in work), rows=rows,
+                ratios=ratios[str(args.rate[0])], ratios_by_rate=ratios, loadavg_1m=loads,
+                **machine())
 
 
 def main_single(args, tmp: str) -> dict:
@@ -440,7 +451,9 @@ def main() -> int:
     p.add_argument("--single", action="store_true",
                    help=f"one prompt: this tree's generate() vs {OLD_COMMIT}'s")
     p.add_argument("--requests", type=int, default=None)
-    p.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second")
+    p.add_argument("--rate", type=float, nargs="+", default=None,
+                   help="Poisson arrivals per second; a run per rate (default 64 4, --tiny 50); "
+                        "the headline ratios are the first rate's")
     p.add_argument("--slots", type=int, default=None,
                    help="engine rows = static batch size = transformers' requests per batch")
     p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))

@@ -83,7 +83,7 @@ class DecodeRun:
     def inputs(self) -> programs.DecodeInputs:
         B = len(self.tokens)
         return programs.DecodeInputs(
-            tokens=np.asarray(self.tokens, np.int32),
+            rows=np.arange(B, dtype=np.int32), tokens=np.asarray(self.tokens, np.int32),
             positions=np.full(B, self.position, np.int32), running=np.ones(B, bool),
             use_long=np.full(B, self.use_long), halt_at=np.full(B, NEVER, np.int32),
             remaining=np.full(B, NEVER, np.int32),

@@ -78,7 +78,8 @@ def generate(model: Phi3, prompts: Any, settings: GenerationSettings | None = No
     # Every program computes max_logprobs alternatives per token (a top-k over the vocabulary
     # at each decode step): only as many as these requests ask for.
     top_n = max(settings.logprobs or 0, settings.prompt_logprobs or 0)
-    engine = Engine(model, max_slots=slots, max_len=max_len,
+    # bucket_rows off: a row bucket would be one more program to build in a one-off call.
+    engine = Engine(model, max_slots=slots, max_len=max_len, bucket_rows=False,
                     decode_steps=DECODE_STEPS if stream is None else 1, max_logprobs=top_n,
                     compilation_cache=compilation_cache, hooks=hooks)
     requests = [engine.submit(row, settings) for row in ids]

@@ -144,6 +144,40 @@ def test_sampled_output_depends_on_the_request_only(longrope_model):
     assert twins[0].token_ids == twins[1].token_ids
 
 
+def test_row_buckets_change_no_token_or_logprob(longrope_model, monkeypatch):
+    """Decode calls run only the rows that decode (in buckets of 2 and 4 of 5 slots here):
+    as requests join and leave, the buckets change, and every request's sampled tokens and
+    logprobs equal, bit for bit, those of an engine whose calls run all five rows."""
+    model, _ = longrope_model
+    sizes = []
+    real = programs.decode
+
+    def spy(*args, **kwargs):
+        sizes.append(args[4].tokens.shape[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(programs, "decode", spy)
+    def request(name: int, length: int, new: int) -> tuple:
+        return name, _prompt(length, 40 + name), dict(
+            max_new_tokens=new, temperature=1.5, top_k=20, seed=100 + name, logprobs=2,
+            ignore_eos=True)
+
+    news = (40, 12, 44, 30, 26, 34)
+    plan = {0: [request(i, 4 + 3 * i, news[i]) for i in range(3)],
+            2: [request(3, 9, news[3]), request(4, 5, news[4])], 3: [request(5, 7, news[5])]}
+    results = []
+    for bucket_rows in (True, False):
+        sizes.clear()
+        engine = model.engine(**{**ENGINE, "max_slots": 5}, bucket_rows=bucket_rows,
+                              max_logprobs=2)
+        done = _drive(engine, plan)
+        results.append({n: (r.token_ids, [(lp.logprob, lp.top) for lp in r.logprobs])
+                        for n, r in done.items()})
+        assert set(sizes) == ({2, 4, 5} if bucket_rows else {5}), sizes
+    assert results[0] == results[1]
+    assert [len(results[0][n][0]) for n in range(6)] == list(news)
+
+
 # ---- logprobs -------------------------------------------------------------------------------
 
 def test_logprobs_equal_transformers_log_softmax(longrope_model):
@@ -322,10 +356,15 @@ def test_chunks_and_program_shapes():
                                  Chunk(64, 6, 32, 96)]
     assert shapes.read_lengths() == [16, 24, 32, 48, 64, 96, 100]
     assert shapes.read_len(97) == 100
+    assert shapes.row_counts() == [2, 4] and shapes.decode_rows(1) == 2
+    assert Shapes(9, 100, 32, 4, 0).row_counts() == [2, 4, 8, 9]
+    assert Shapes(1, 100, 32, 4, 0).row_counts() == [1]
+    assert Shapes(9, 100, 32, 4, 0, bucket_rows=False).row_counts() == [9]
     programs_ = shapes.program_shapes()
-    assert ("prefill", 16, 0) in programs_ and ("decode", 100) in programs_
-    # First chunks of 16, 24, 32 tokens; later chunks reading 64, 96, 100 slots; decode reads.
-    assert len(programs_) == len(set(programs_)) == 3 + 3 + 7
+    assert ("prefill", 16, 0) in programs_ and ("decode", 4, 100) in programs_
+    # First chunks of 16, 24, 32 tokens; later chunks reading 64, 96, 100 slots; decode reads
+    # for 2 and 4 rows.
+    assert len(programs_) == len(set(programs_)) == 3 + 3 + 7 * 2
     assert ("prefill", 32, 100) in programs_  # a chunk from 96: its read is cut at max_len
     with pytest.raises(ValueError, match="power of two"):
         Shapes(4, 100, 24, 4, 0)
@@ -342,7 +381,7 @@ def test_no_compilation_after_warmup(tmp_path, count_compiles):
     built = engine.warmup(threads=2)
     assert built == 2 * (len(engine.shapes.chunk_lengths())
                          + len(engine.shapes.later_chunk_read_lengths())) \
-        + len(engine.shapes.read_lengths())
+        + len(engine.shapes.read_lengths()) * len(engine.shapes.row_counts())
     count_compiles.clear()
     rs = np.random.RandomState(0)
     requests = []

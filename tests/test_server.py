@@ -21,7 +21,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-# Small engine shapes: 9 programs to build per model.
+# Small engine shapes: 15 programs to build per model.
 SHAPES = ["--max-slots", "8", "--max-len", "64", "--prefill-chunk", "32", "--decode-steps", "4",
           "--buckets-per-octave", "1"]
 KEY = "test-key"

@@ -4,8 +4,9 @@ Requests come in at any time (`submit`), each with its own prompt, settings and 
 and leave as soon as they end, freeing their row for the next. Each iteration (`step`):
 
 1. cancelled requests leave; waiting requests take free rows;
-2. prompts go in, a chunk at a time (phi3_jax.engine.scheduler), each prompt alone;
-3. one decode call runs every decoding row for one or more steps on device;
+2. prompts go in, a chunk at a time (phi3_jax.engine.scheduler), each prompt alone, and a
+   prompt's first token goes out at once;
+3. one decode call runs the decoding rows (in a row bucket) for one or more steps on device;
 4. each request's new tokens (with their text and logprobs) go out, and rows that end (a stop
    id, a stop string, max_new_tokens, the end of the context) are freed at once.
 
@@ -71,14 +72,17 @@ class Engine:
     round trips; a finishing row idles until the call ends). max_logprobs: the most
     alternatives per token a request may ask for (every program computes that many).
     max_queue: the most requests waiting for a row (None: unbounded); past it submit raises
-    QueueFull. hooks: phi3_jax.hooks applied to every request, at every prompt chunk and
-    decode step.
+    QueueFull. bucket_rows: a decode call runs only the rows that decode, in the smallest of
+    a few row buckets that holds them (phi3_jax.engine.scheduler), at the price of one more
+    program per bucket; off, every call runs all max_slots rows (what `generate` does: its
+    one-off engines would compile a program per bucket they pass through). hooks:
+    phi3_jax.hooks applied to every request, at every prompt chunk and decode step.
     """
 
     def __init__(self, model: Phi3, *, max_slots: int = 8, max_len: int | None = None,
                  prefill_chunk: int = 512, decode_steps: int = 8,
                  max_logprobs: int = MAX_LOGPROBS, max_queue: int | None = None,
-                 buckets_per_octave: int = 2,
+                 buckets_per_octave: int = 2, bucket_rows: bool = True,
                  compilation_cache: str | os.PathLike | None = None,
                  hooks: dict[str, Hook] | None = None):
         config = model.config
@@ -101,8 +105,9 @@ class Engine:
         # Applied at every prompt chunk and decode step of every request; their arrays are
         # traced, so engines that differ only in a hook's values share their programs.
         self.hooks = dict(hooks) if hooks else None
+        # On a mesh the rows split over the data axis: every call runs them all.
         self.shapes = Shapes(max_slots, max_len, prefill_chunk, decode_steps, max_logprobs,
-                             buckets_per_octave)
+                             buckets_per_octave, bucket_rows and model.mesh is None)
         self.max_queue = max_queue
         self.table = SlotTable(max_slots)
         self._lock = threading.Lock()  # guards _waiting and _cancelled
@@ -223,7 +228,9 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """One iteration: admissions, prompt chunks, a decode call, outputs. Returns the outputs
-        it delivered to the requests."""
+        it delivered to the requests: what the admissions and prompt chunks produced (a
+        prompt's first token) is delivered before the decode call, the rest after it, so a
+        request may get two outputs from one step."""
         with self._step_lock:
             out: dict[str, _Pending] = {}
             self._cancel_and_admit(out)
@@ -236,6 +243,9 @@ class Engine:
                     self._guarded(lambda s=slot: self._prefill_chunk(s, out), [slot], out)
                 if budget <= 0:
                     break
+            # A prompt's first token goes out now, not after the decode call.
+            delivered = [p.deliver() for p in out.values()]
+            out = {}
             rows = self.table.live("decode")
             if rows:
                 with self._lock:
@@ -243,7 +253,7 @@ class Engine:
                 prefilling = any(s.phase != "decode" for s in self.table.live())
                 steps = decode_steps(self.shapes, prefilling=prefilling, waiting=waiting)
                 self._guarded(lambda: self._decode(rows, steps, out), rows, out)
-            return [p.deliver() for p in out.values()]
+            return delivered + [p.deliver() for p in out.values()]
 
     def run_until_done(self) -> None:
         """Steps until nothing waits or runs (the caller's thread drives the engine)."""
@@ -341,7 +351,8 @@ class Engine:
 
     def _decode(self, rows: list[Slot], steps: int, out: dict[str, _Pending]) -> None:
         needed = min(max(s.position for s in rows) + steps, self.shapes.max_len)
-        arrays = self.table.decode_arrays(self._row_sampling)
+        batch = self.table.decode_batch(self.shapes.decode_rows(len(rows)))
+        arrays = self.table.decode_arrays(self._row_sampling, batch)
         names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
         row_sampling = RowSampling(**{k: arrays.pop(k) for k in names})
         inputs = programs.DecodeInputs(**arrays, sampling=row_sampling)
@@ -352,8 +363,9 @@ class Engine:
             np.int32(steps), self.hooks, read_len=self.shapes.read_len(needed),
             max_steps=self.shapes.decode_steps, top_n=self.shapes.top_n, mesh=mesh)
         d = _host(drawn)
+        batch_row = {r: b for b, r in enumerate(batch)}
         for slot in rows:
-            i = slot.index
+            i = batch_row[slot.index]
             for step in range(steps):
                 token = int(d.tokens[step, i])
                 if token < 0 or slot.phase != "decode":
@@ -438,15 +450,16 @@ class Engine:
                         np.zeros((1, 2), np.uint32), self.hooks, read_len=read_len,
                         top_n=self.shapes.top_n, prompt_top_n=top, mesh=model.mesh))
             else:
-                arrays = self.table.decode_arrays(lambda s: {})
+                _, rows, read_len = shape
+                arrays = self.table.decode_arrays(lambda s: {}, list(range(rows)))
                 names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
                 rs = RowSampling(**{k: arrays.pop(k) for k in names})
                 inputs = programs.DecodeInputs(**arrays, sampling=rs)
                 inputs = jax.tree.map(lambda a: sharding.put_batch(a, model.mesh), inputs)
                 jobs.append(functools.partial(
                     programs.decode.lower, model.graph, model.params, cache, seen, inputs,
-                    np.int32(1), self.hooks, read_len=shape[1], max_steps=self.shapes.decode_steps,
-                    top_n=self.shapes.top_n, mesh=model.mesh))
+                    np.int32(1), self.hooks, read_len=read_len,
+                    max_steps=self.shapes.decode_steps, top_n=self.shapes.top_n, mesh=model.mesh))
         workers = threads or min(len(jobs), os.cpu_count() or 1)
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             for future in [pool.submit(lambda j=j: j().compile()) for j in jobs]:

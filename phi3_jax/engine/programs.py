@@ -1,16 +1,17 @@
-"""The engine's compiled programs: a prompt chunk into one cache row, and decode steps over all.
+"""The engine's compiled programs: a prompt chunk into one cache row, and decode steps over many.
 
 Both take the parameters, the KV cache and the `seen` table (which tokens each row holds, for
 the repetition penalty) explicitly, and donate the cache and the table, which they update in
 place. Everything a request sets is a traced array indexed by row, so a new setting compiles
-nothing; what is static (a chunk's length, how much of the cache attention reads, how many
-decode steps one call may run, how many logprobs alternatives) is fixed by the engine's
-construction, which bounds the programs (`phi3_jax.engine.scheduler.program_shapes`).
+nothing; what is static (a chunk's length, how many rows a decode call runs, how much of the
+cache attention reads, how many decode steps one call may run, how many logprobs alternatives)
+is fixed by the engine's construction, which bounds the programs
+(`phi3_jax.engine.scheduler.program_shapes`).
 
 A prompt is prefilled alone, one row at a time, never batched with other prompts: a request's
 numbers then depend on nothing but its own tokens, seed and positions, whatever else runs
-(decode rows are batched, and each row of a matmul is computed the same way whichever rows run
-beside it).
+(decode rows are batched, and from two rows up each row of a matmul is computed the same way
+whichever rows run beside it: see the row buckets in phi3_jax.engine.scheduler).
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ def _pytree(cls: type) -> type:
 
 @_pytree
 class DecodeInputs:
-    """What each row [B] decodes from; the host sends it with every decode call."""
+    """What each batch row [B] decodes from; the host sends it with every decode call."""
 
+    rows: jax.Array  # int32: the cache row batch row b runs (distinct; b itself when B = R)
     tokens: jax.Array  # int32: the row's newest token, fed at `positions`
     positions: jax.Array  # int32
     running: jax.Array  # bool: the row decodes (a live request past its prefill)
@@ -127,18 +129,30 @@ def decode(graph: StaticGraph, params: nnx.State, cache: KVCache, seen: jax.Arra
            inputs: DecodeInputs, steps: jax.Array, hooks: dict[str, Hook] | None = None, *,
            read_len: int, max_steps: int, top_n: int, mesh: Mesh | None,
            ) -> tuple[KVCache, jax.Array, Drawn]:
-    """Up to `steps` (<= max_steps) decode steps over every row of the cache, on device.
+    """Up to `steps` (<= max_steps) decode steps over B rows of the cache, on device.
 
     A row feeds its newest token and draws the next while it is running, has tokens left to
     draw, has not drawn one of its stop ids and has not reached halt_at (a LongRoPE crossing,
     which the host re-prefills). Attention reads the first read_len slots of every row, which
     must cover every position fed. Returns what each step drew ([max_steps, B], -1 where a row
     drew nothing).
+
+    B below the cache's R rows (a row bucket: phi3_jax.engine.scheduler): the B rows'
+    first read_len slots (and their `seen` rows) are gathered into a working cache, decoded, and
+    scattered back; a copy per call, not per step, and a step then costs B rows, not R.
     """
     model = nnx.merge(graph.graphdef, params)
     B = inputs.tokens.shape[0]
-    S = cache.max_len
     V = seen.shape[1]
+    gathered = cache.rows > B
+    if gathered:
+        rows = inputs.rows
+        work = KVCache(k=tuple(c[rows, :read_len] for c in cache.k),
+                       v=tuple(c[rows, :read_len] for c in cache.v))
+        work_seen = seen[rows]
+    else:
+        work, work_seen = cache, seen
+    S = work.max_len
     none = jnp.full((max_steps, B), -1, jnp.int32)
     out = Drawn(none, jnp.zeros((max_steps, B), jnp.float32),
                 jnp.zeros((max_steps, B, top_n), jnp.int32),
@@ -171,7 +185,15 @@ def decode(graph: StaticGraph, params: nnx.State, cache: KVCache, seen: jax.Arra
         return (i + 1, (cache, seen), jnp.where(on, new, token), position + on,
                 remaining - on, done | stopped, out)
 
-    carry = (jnp.zeros((), jnp.int32), (cache, seen), inputs.tokens, inputs.positions,
+    carry = (jnp.zeros((), jnp.int32), (work, work_seen), inputs.tokens, inputs.positions,
              inputs.remaining, jnp.zeros((B,), bool), out)
-    _, (cache, seen), _, _, _, _, out = jax.lax.while_loop(cond, body, carry)
+    _, (work, work_seen), _, _, _, _, out = jax.lax.while_loop(cond, body, carry)
+    if gathered:  # in place: the cache and the table are donated
+        def put(full: tuple[jax.Array, ...], part: tuple[jax.Array, ...]) -> tuple:
+            return tuple(c.at[rows, :read_len].set(w) for c, w in zip(full, part, strict=True))
+
+        cache = KVCache(k=put(cache.k, work.k), v=put(cache.v, work.v))
+        seen = seen.at[rows].set(work_seen)
+    else:
+        cache, seen = work, work_seen
     return _constrain(cache, mesh), seen, out

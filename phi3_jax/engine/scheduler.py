@@ -10,6 +10,13 @@ Shapes. A first chunk's length is bucketed (`buckets_per_octave` per octave, fro
 prefill_chunk); later chunks always have prefill_chunk slots. How much of the cache attention
 reads is bucketed the same way, up to max_len. So the programs are fixed by the engine's
 construction and `program_shapes` lists them all: warm-up builds exactly these.
+
+Rows. A decode call runs the rows that decode, gathered into the smallest row bucket that holds
+them (powers of two from 2, then max_slots), not every row of the cache: on a CPU, a decode
+step over 16 rows costs about six times one over a single row, and an idle row costs as much as
+a busy one. The smallest bucket is 2, not 1: a one-row matmul is a matrix-vector product, whose
+sums XLA rounds differently, and a request's tokens would then depend on how many others
+decode beside it (from two rows up, each row's result is the same bit for bit).
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ class Shapes:
     decode_steps: int
     top_n: int
     buckets_per_octave: int = 2
+    bucket_rows: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_slots", "max_len", "prefill_chunk", "decode_steps"):
@@ -74,6 +82,21 @@ class Shapes:
                 return n
         raise ValueError(f"{needed} slots exceed the engine's max_len ({self.max_len})")
 
+    def row_counts(self) -> list[int]:
+        """The batch sizes a decode call can have (the module's "Rows")."""
+        if not self.bucket_rows:
+            return [self.max_slots]
+        below = []
+        n = 2
+        while n < self.max_slots:
+            below.append(n)
+            n *= 2
+        return [*below, self.max_slots]
+
+    def decode_rows(self, decoding: int) -> int:
+        """The batch size of a decode call over `decoding` rows."""
+        return next(n for n in self.row_counts() if n >= decoding)
+
     def chunks(self, total: int) -> list[Chunk]:
         """How a sequence of `total` tokens is prefilled."""
         C = self.prefill_chunk
@@ -92,11 +115,12 @@ class Shapes:
                        for start in range(C, self.max_len, C)})
 
     def program_shapes(self) -> list[tuple]:
-        """Every program the engine can run: ("prefill", T, read_len) and ("decode",
+        """Every program the engine can run: ("prefill", T, read_len) and ("decode", rows,
         read_len)."""
         shapes: list[tuple] = [("prefill", T, 0) for T in self.chunk_lengths()]
         shapes += [("prefill", self.prefill_chunk, n) for n in self.later_chunk_read_lengths()]
-        shapes += [("decode", n) for n in self.read_lengths()]
+        shapes += [("decode", rows, n) for rows in self.row_counts()
+                   for n in self.read_lengths()]
         return shapes
 
 

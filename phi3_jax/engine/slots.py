@@ -72,10 +72,23 @@ class SlotTable:
     def release(self, slot: Slot) -> None:
         self.slots[slot.index] = None
 
-    def decode_arrays(self, settings_of) -> dict[str, np.ndarray]:
-        """The host arrays of a decode call's inputs; rows not decoding have running False."""
-        B = self.rows
-        a = dict(tokens=np.zeros(B, np.int32), positions=np.zeros(B, np.int32),
+    def decode_batch(self, size: int) -> list[int]:
+        """The cache rows of a decode call of `size` batch rows: every decoding row (oldest
+        request first), then distinct idle rows to fill the batch (they run nothing)."""
+        decoding = [s.index for s in self.live("decode")]
+        assert len(decoding) <= size <= self.rows
+        if size == self.rows:
+            return list(range(self.rows))  # batch row b is cache row b
+        idle = [i for i in range(self.rows) if i not in set(decoding)]
+        return decoding + idle[:size - len(decoding)]
+
+    def decode_arrays(self, settings_of, rows: list[int] | None = None) -> dict[str, np.ndarray]:
+        """The host arrays of a decode call's inputs over cache rows `rows` (default: all, in
+        order); batch rows not decoding have running False."""
+        rows = list(range(self.rows)) if rows is None else rows
+        B = len(rows)
+        a = dict(rows=np.asarray(rows, np.int32), tokens=np.zeros(B, np.int32),
+                 positions=np.zeros(B, np.int32),
                  running=np.zeros(B, bool), use_long=np.zeros(B, bool),
                  halt_at=np.full(B, NEVER, np.int32), remaining=np.zeros(B, np.int32),
                  stop_ids=np.full((B, MAX_STOP_IDS), -1, np.int32),
@@ -83,8 +96,9 @@ class SlotTable:
                  temperature=np.zeros(B, np.float32), top_k=np.zeros(B, np.int32),
                  top_p=np.ones(B, np.float32), min_p=np.zeros(B, np.float32),
                  repetition_penalty=np.ones(B, np.float32))
+        batch_row = {r: b for b, r in enumerate(rows)}
         for s in self.live("decode"):
-            i = s.index
+            i = batch_row[s.index]
             a["tokens"][i] = s.sequence[-1]
             a["positions"][i] = s.position
             a["running"][i] = True
