@@ -264,7 +264,8 @@ class Phi3:
     def engine(self, **kwargs: Any) -> Engine:
         """An inference engine on this model (continuous batching, requests submitted at any
         time); see phi3_jax.engine.Engine for max_slots, max_len, prefill_chunk, decode_steps,
-        max_logprobs, max_queue and hooks."""
+        max_logprobs, max_queue, buckets_per_octave, bucket_rows, compilation_cache and
+        hooks."""
         return Engine(self, **kwargs)
 
 

@@ -406,6 +406,31 @@ def test_no_compilation_after_warmup(tmp_path, count_compiles):
     assert count_compiles == []
 
 
+def test_first_token_is_delivered_before_the_decode_call(longrope_model, monkeypatch):
+    """A request whose prompt goes in while another row decodes gets its first token from the
+    prefill before that step's decode call runs, not after it."""
+    model, _ = longrope_model
+    engine = model.engine(**ENGINE)
+    events = []
+    real = programs.decode
+
+    def decode(*args, **kwargs):
+        events.append("decode")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(programs, "decode", decode)
+    first = engine.submit(_prompt(5, 1), max_new_tokens=20, ignore_eos=True)
+    engine.step()
+    assert events == ["decode"] and len(first.token_ids) > 1
+    second = engine.submit(_prompt(6, 2), max_new_tokens=20, ignore_eos=True,
+                           on_output=lambda o: events.append(("second", len(o.token_ids))))
+    events.clear()
+    engine.step()
+    assert events[:2] == [("second", 1), "decode"], events
+    engine.run_until_done()
+    assert len(second.token_ids) == 20 and len(first.token_ids) == 20
+
+
 # ---- the engine in its own thread -----------------------------------------------------------
 
 def test_background_thread_serves_concurrent_submitters(longrope_model):

@@ -366,3 +366,26 @@ def test_logits_pad_the_batch_to_the_data_axis_and_replace_params(window_model):
     assert edited.params is zeroed and edited.tokenizer is ours.tokenizer
     assert not np.any(np.asarray(edited.logits(ids, mask)))
     assert np.any(np.asarray(ours.logits(ids, mask)))
+
+
+def test_research_tour_example_runs():
+    """examples/research_tour.py on the embedded model: its four parts run, and its scoring
+    part finds the right answer greedy and a wrong one not."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(root))
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, str(root / "examples" / "research_tour.py")],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = proc.stdout
+    for part in ("1. activations", "2. ", "3. head ablation", "4. scoring"):
+        assert f"\n{part}" in "\n" + out, part
+    scored = {line.split(":")[0].strip(): line for line in out.splitlines()
+              if line.strip().startswith("'x = ")}
+    assert scored["'x = 4'"].endswith("greedy True"), out[-1500:]
+    assert scored["'x = 5'"].endswith("greedy False"), out[-1500:]
