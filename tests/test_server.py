@@ -21,7 +21,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-# Small engine shapes: 15 programs to build per model.
+# Small engine shapes: 15 programs to build (9 with --no-bucket-rows).
 SHAPES = ["--max-slots", "8", "--max-len", "64", "--prefill-chunk", "32", "--decode-steps", "4",
           "--buckets-per-octave", "1"]
 KEY = "test-key"
@@ -88,7 +88,7 @@ def servers(text_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     random_ = Server(tmp, "random", "--model", str(text_model.path), "--api-key", KEY,
                      "--served-model-name", "tiny", "--grace", "2")
-    embedded = Server(tmp, "embedded")
+    embedded = Server(tmp, "embedded", "--no-bucket-rows")  # full-width decode calls
     try:
         random_.wait_ready()
         embedded.wait_ready()
@@ -305,6 +305,17 @@ async def _bad_requests(url: str) -> list[tuple[str, int, dict]]:
         r = await http.get("/v1/nothing", headers=auth)
         out.append(("unknown route", r.status_code, r.json(), 404, "/v1/nothing"))
     return out
+
+
+def test_bucket_rows_flag_sets_the_programs_built(rnd, emb):
+    """Row buckets (the default) add the decode programs of 2 and 4 rows to those of 8;
+    --no-bucket-rows (the embedded server here) builds only the full-width ones."""
+    for server, built in ((rnd, 6 + 3 * 3), (emb, 6 + 3)):
+        deadline = time.monotonic() + 30
+        while "ready on" not in server.stderr() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert f"ready on {server.url} ({built} programs built" in server.stderr(), \
+            server.stderr()[-2000:]
 
 
 def test_bad_requests_get_4xx_naming_the_field_and_disturb_nothing(rnd, reference):

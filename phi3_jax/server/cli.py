@@ -46,6 +46,7 @@ def run_serve(args: argparse.Namespace) -> int:
                           max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
                           decode_steps=args.decode_steps,
                           buckets_per_octave=args.buckets_per_octave,
+                          bucket_rows=args.bucket_rows,
                           compilation_cache=args.compilation_cache)
     service = EngineService(engine, Metrics(engine))
     name = args.served_model_name or _default_name(args.model)
@@ -162,6 +163,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--buckets-per-octave", type=positive_int, default=2, metavar="B",
                    help="length buckets per octave for prompt chunks and cache reads: more "
                         "waste less compute, fewer build fewer programs (default 2)")
+    g.add_argument("--bucket-rows", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode calls run only the busy rows, in buckets of 2, 4, 8, ... "
+                        "(default); --no-bucket-rows: every call runs all rows, and warm-up "
+                        "builds fewer programs")
     s = p.add_argument_group("server")
     s.add_argument("--grace", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM or Ctrl-C, how long requests in flight may take to finish "
