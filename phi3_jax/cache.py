@@ -49,8 +49,10 @@ class CacheUpdate:
 
     starts [B]: the position (= slot) of each batch row's first new token; its T tokens go to
     slots starts .. starts + T - 1 (slots past the row's end are dropped).
-    row: None when batch row b is cache row b (a decode step over every row), else a [] int32
-    array: the one cache row a single-row call (B = 1) writes and reads (a prompt chunk).
+    row: None when batch row b is cache row b (a decode step over every row); a [] int32
+    array: the one cache row a single-row call (B = 1) writes and reads (a prompt chunk); or a
+    [B] int32 array of distinct cache rows, batch row b reading and writing row[b] (a decode
+    step over a row bucket, in place).
     read_len (static): attention reads slots [0, read_len) of the rows; 0 means it reads only
     the new tokens, which then start at position 0 (a prompt's first chunk: the prefill
     kernels apply).
@@ -80,6 +82,8 @@ def read(k_cache: jax.Array, v_cache: jax.Array,
     n = update.read_len
     if update.row is None:
         return k_cache[:, :n], v_cache[:, :n]
+    if update.row.ndim == 1:  # a gather of the rows' first n slots
+        return k_cache[update.row, :n], v_cache[update.row, :n]
     start = (update.row, 0, 0, 0)
     size = (1, n, *k_cache.shape[2:])
     return (jax.lax.dynamic_slice(k_cache, start, size),

@@ -147,16 +147,19 @@ def test_sampled_output_depends_on_the_request_only(longrope_model):
 def test_row_buckets_change_no_token_or_logprob(longrope_model, monkeypatch):
     """Decode calls run only the rows that decode (in buckets of 2 and 4 of 5 slots here):
     as requests join and leave, the buckets change, and every request's sampled tokens and
-    logprobs equal, bit for bit, those of an engine whose calls run all five rows."""
+    logprobs equal, bit for bit, those of an engine whose calls run all five rows, whether a
+    bucket's rows are copied out of the cache for the call (the CPU's way) or read and written
+    in place by each layer (other backends')."""
     model, _ = longrope_model
-    sizes = []
+    sizes, mode = [], {}
     real = programs.decode
 
     def spy(*args, **kwargs):
         sizes.append(args[4].tokens.shape[0])
-        return real(*args, **kwargs)
+        return real(*args, **kwargs, **mode)
 
     monkeypatch.setattr(programs, "decode", spy)
+
     def request(name: int, length: int, new: int) -> tuple:
         return name, _prompt(length, 40 + name), dict(
             max_new_tokens=new, temperature=1.5, top_k=20, seed=100 + name, logprobs=2,
@@ -166,15 +169,16 @@ def test_row_buckets_change_no_token_or_logprob(longrope_model, monkeypatch):
     plan = {0: [request(i, 4 + 3 * i, news[i]) for i in range(3)],
             2: [request(3, 9, news[3]), request(4, 5, news[4])], 3: [request(5, 7, news[5])]}
     results = []
-    for bucket_rows in (True, False):
+    for bucket_rows, copy_window in ((True, True), (True, False), (False, None)):
         sizes.clear()
+        mode["copy_window"] = copy_window
         engine = model.engine(**{**ENGINE, "max_slots": 5}, bucket_rows=bucket_rows,
                               max_logprobs=2)
         done = _drive(engine, plan)
         results.append({n: (r.token_ids, [(lp.logprob, lp.top) for lp in r.logprobs])
                         for n, r in done.items()})
         assert set(sizes) == ({2, 4, 5} if bucket_rows else {5}), sizes
-    assert results[0] == results[1]
+    assert results[0] == results[1] == results[2]
     assert [len(results[0][n][0]) for n in range(6)] == list(news)
 
 

@@ -123,12 +123,13 @@ def prefill(graph: StaticGraph, params: nnx.State, cache: KVCache, seen: jax.Arr
     return _constrain(cache, mesh), seen, drawn, prompt
 
 
-@functools.partial(jax.jit, static_argnames=("graph", "read_len", "max_steps", "top_n", "mesh"),
+@functools.partial(jax.jit, static_argnames=("graph", "read_len", "max_steps", "top_n", "mesh",
+                                             "copy_window"),
                    donate_argnames=("cache", "seen"))
 def decode(graph: StaticGraph, params: nnx.State, cache: KVCache, seen: jax.Array,
            inputs: DecodeInputs, steps: jax.Array, hooks: dict[str, Hook] | None = None, *,
            read_len: int, max_steps: int, top_n: int, mesh: Mesh | None,
-           ) -> tuple[KVCache, jax.Array, Drawn]:
+           copy_window: bool | None = None) -> tuple[KVCache, jax.Array, Drawn]:
     """Up to `steps` (<= max_steps) decode steps over B rows of the cache, on device.
 
     A row feeds its newest token and draws the next while it is running, has tokens left to
@@ -137,28 +138,32 @@ def decode(graph: StaticGraph, params: nnx.State, cache: KVCache, seen: jax.Arra
     must cover every position fed. Returns what each step drew ([max_steps, B], -1 where a row
     drew nothing).
 
-    B below the cache's R rows (a row bucket: phi3_jax.engine.scheduler): the B rows'
-    first read_len slots (and their `seen` rows) are gathered into a working cache, decoded, and
-    scattered back, a copy per call rather than per step (on the CPU, every call does so with
-    its first read_len slots).
+    B below the cache's R rows (a row bucket: phi3_jax.engine.scheduler): batch row b runs
+    cache row inputs.rows[b], through a copy of the rows' first read_len slots made once per
+    call or in place (`copy_window`, below).
     """
     model = nnx.merge(graph.graphdef, params)
     B = inputs.tokens.shape[0]
     V = seen.shape[1]
-    # The call works on one contiguous working cache: a row bucket's rows are gathered (a step
-    # then costs B rows, not R), and on the CPU the first read_len slots are cut out once per
-    # call, not per step, since XLA:CPU copies a dot's sliced operand at every step (0.07 ms of
-    # a 1.1 ms one-row step here). Elsewhere a full-width call reads the cache in place: XLA
-    # may fuse the slice into the dot there (not measured on a GPU yet).
+    # copy_window (default: on the CPU): a row bucket (B < R) works on a copy of its rows'
+    # first read_len slots, gathered once per call and scattered back once, and so does a
+    # full-width call reading fewer than max_len slots, since XLA:CPU copies a dot's sliced
+    # operand at every step (0.07 ms of a 1.1 ms one-row step here). Off (elsewhere, where
+    # the KV cache may fill the device's memory and a copy of half its rows would not fit),
+    # each layer gathers its rows at every step and writes in place (not measured on a GPU
+    # yet).
+    if copy_window is None:
+        copy_window = jax.default_backend() == "cpu"
     gathered = cache.rows > B
-    windowed = gathered or (read_len < cache.max_len and jax.default_backend() == "cpu")
+    copied = copy_window and (gathered or read_len < cache.max_len)
     rows = inputs.rows if gathered else slice(None)
-    if windowed:
+    if copied:
         work = KVCache(k=tuple(c[rows, :read_len] for c in cache.k),
                        v=tuple(c[rows, :read_len] for c in cache.v))
-        work_seen = seen[rows]
     else:
-        work, work_seen = cache, seen
+        work = cache
+    in_place_rows = inputs.rows if gathered and not copied else None
+    work_seen = seen[rows] if gathered or copied else seen
     S = work.max_len
     none = jnp.full((max_steps, B), -1, jnp.int32)
     out = Drawn(none, jnp.zeros((max_steps, B), jnp.float32),
@@ -178,7 +183,8 @@ def decode(graph: StaticGraph, params: nnx.State, cache: KVCache, seen: jax.Arra
         on = live(token, position, remaining, done)  # [B]
         # Rows that do not run feed position -1 (they see nothing) and write nowhere.
         fed = jnp.where(on, position, -1)
-        update = CacheUpdate(starts=jnp.where(on, position, S), read_len=read_len)
+        update = CacheUpdate(starts=jnp.where(on, position, S), row=in_place_rows,
+                             read_len=read_len)
         logits, cache = model(token[:, None], fed[:, None], cache, update, inputs.use_long,
                               hooks=hooks)
         # The fed token joins the row's seen set (a prompt chunk drew it without adding it).
@@ -195,12 +201,12 @@ def decode(graph: StaticGraph, params: nnx.State, cache: KVCache, seen: jax.Arra
     carry = (jnp.zeros((), jnp.int32), (work, work_seen), inputs.tokens, inputs.positions,
              inputs.remaining, jnp.zeros((B,), bool), out)
     _, (work, work_seen), _, _, _, _, out = jax.lax.while_loop(cond, body, carry)
-    if windowed:  # back in place: the cache and the table are donated
+    if copied:  # back in place: the cache and the table are donated
         def put(full: tuple[jax.Array, ...], part: tuple[jax.Array, ...]) -> tuple:
             return tuple(c.at[rows, :read_len].set(w) for c, w in zip(full, part, strict=True))
 
         cache = KVCache(k=put(cache.k, work.k), v=put(cache.v, work.v))
-        seen = seen.at[rows].set(work_seen)
     else:
-        cache, seen = work, work_seen
+        cache = work
+    seen = seen.at[rows].set(work_seen) if gathered or copied else work_seen
     return _constrain(cache, mesh), seen, out
