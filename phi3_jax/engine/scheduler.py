@@ -3,8 +3,8 @@
 Per iteration: waiting requests take free slots; prompts are prefilled in chunks of at most
 `prefill_chunk` tokens, one chunk per iteration while other rows decode (so a decoding row
 waits at most one chunk for its next token), several while none does; then one decode call
-over the decoding rows (below) runs up to `decode_steps` steps on device (one step while a prompt is still
-prefilling or a request waits for a free slot, so that it is not kept waiting).
+over the decoding rows (below) runs up to `decode_steps` steps on device (one step while a
+prompt is still prefilling or a request waits for a free slot, so that it is not kept waiting).
 
 Shapes. A first chunk's length is bucketed (`buckets_per_octave` per octave, from 16 up to
 prefill_chunk); later chunks always have prefill_chunk slots. How much of the cache attention

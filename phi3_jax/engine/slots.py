@@ -79,7 +79,8 @@ class SlotTable:
         assert len(decoding) <= size <= self.rows
         if size == self.rows:
             return list(range(self.rows))  # batch row b is cache row b
-        idle = [i for i in range(self.rows) if i not in set(decoding)]
+        busy = set(decoding)
+        idle = [i for i in range(self.rows) if i not in busy]
         return decoding + idle[:size - len(decoding)]
 
     def decode_arrays(self, settings_of, rows: list[int] | None = None) -> dict[str, np.ndarray]:
